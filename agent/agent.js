@@ -1,0 +1,167 @@
+'use strict';
+// ampere agent: preloaded into every worker process (`node --require`).
+//
+// - Makes the app's own listen() on the service port adopt the listening
+//   socket that the supervisor passed down (AMPERE_LISTEN_FD), so unmodified
+//   node:http, Express, Fastify and Next.js apps accept directly from the
+//   slot's socket. Other listen() calls are left alone.
+// - Talks to the supervisor over an inherited socketpair (AMPERE_CONTROL_FD),
+//   newline-delimited JSON: reports `listening` and a periodic `heartbeat`,
+//   and drains on request.
+// - Dependency-free, and does nothing at all when not started by ampere.
+
+const LISTEN_FD = Number(process.env.AMPERE_LISTEN_FD);
+const CONTROL_FD = Number(process.env.AMPERE_CONTROL_FD);
+const PORT = Number(process.env.AMPERE_PORT);
+const HEARTBEAT_MS = Number(process.env.AMPERE_HEARTBEAT_MS) || 1000;
+
+// The descriptors belong to this process only: children that the app spawns
+// (and that may preload this file through NODE_OPTIONS) must not adopt them.
+delete process.env.AMPERE_LISTEN_FD;
+delete process.env.AMPERE_CONTROL_FD;
+
+if (Number.isInteger(LISTEN_FD) && Number.isInteger(CONTROL_FD)) {
+  start();
+}
+
+function start() {
+  const net = require('node:net');
+  const { performance, monitorEventLoopDelay } = require('node:perf_hooks');
+  const v8 = require('node:v8');
+
+  const control = new net.Socket({ fd: CONTROL_FD, readable: true, writable: true });
+  // The channel must never keep an app alive that has finished its work.
+  control.unref();
+  control.setEncoding('utf8');
+  const send = (msg) => {
+    if (!control.destroyed) control.write(JSON.stringify(msg) + '\n');
+  };
+  let pending = '';
+  control.on('data', (chunk) => {
+    pending += chunk;
+    let nl;
+    while ((nl = pending.indexOf('\n')) >= 0) {
+      const line = pending.slice(0, nl);
+      pending = pending.slice(nl + 1);
+      let msg;
+      try {
+        msg = JSON.parse(line);
+      } catch {
+        continue;
+      }
+      onMessage(msg);
+    }
+  });
+  control.on('error', () => {});
+  // The supervisor holds the other end until it exits: end of file means it
+  // is gone, and a worker without its supervisor must not linger.
+  control.on('end', () => process.exit(1));
+
+  let server = null; // the adopted server
+  let draining = false;
+  let inflight = 0;
+  let requests = 0;
+  const active = new Set();
+
+  const origListen = net.Server.prototype.listen;
+  net.Server.prototype.listen = function listen(...args) {
+    if (server === null && isServicePort(args)) {
+      server = this;
+      adopt(this);
+      const cb = typeof args[args.length - 1] === 'function' ? args[args.length - 1] : undefined;
+      return origListen.call(this, { fd: LISTEN_FD }, cb);
+    }
+    const port = portOf(args);
+    if (port !== undefined && port !== 0) {
+      this.once('listening', () => send({ type: 'listen_other', port: this.address()?.port ?? port }));
+    }
+    return origListen.apply(this, args);
+  };
+
+  function adopt(srv) {
+    srv.once('listening', () => {
+      const addr = srv.address();
+      send({ type: 'listening', pid: process.pid, node: process.version, address: addr && addr.address, port: addr && addr.port });
+    });
+    srv.prependListener('request', onRequest);
+  }
+
+  function onRequest(req, res) {
+    inflight++;
+    requests++;
+    active.add(res);
+    if (draining) res.setHeader('connection', 'close');
+    res.once('close', () => {
+      inflight--;
+      active.delete(res);
+    });
+  }
+
+  function onMessage(msg) {
+    if (msg.type === 'drain') drain();
+  }
+
+  function drain() {
+    if (draining) return;
+    draining = true;
+    if (server === null) {
+      send({ type: 'drained' });
+      return;
+    }
+    // Responses not yet started tell their clients to reconnect elsewhere.
+    for (const res of active) {
+      if (!res.headersSent) res.setHeader('connection', 'close');
+    }
+    server.close(() => send({ type: 'drained' }));
+    if (typeof server.closeIdleConnections === 'function') server.closeIdleConnections();
+  }
+
+  // Health, sampled once per heartbeat.
+  const delay = monitorEventLoopDelay({ resolution: 10 });
+  delay.enable();
+  let lastElu = performance.eventLoopUtilization();
+  const heartbeat = setInterval(() => {
+    const elu = performance.eventLoopUtilization(lastElu);
+    lastElu = performance.eventLoopUtilization();
+    const heap = v8.getHeapStatistics();
+    send({
+      type: 'heartbeat',
+      elu: elu.utilization,
+      delay_p50_ms: delay.percentile(50) / 1e6,
+      delay_p99_ms: delay.percentile(99) / 1e6,
+      delay_max_ms: delay.max / 1e6,
+      heap_used: heap.used_heap_size,
+      heap_total: heap.total_heap_size,
+      heap_limit: heap.heap_size_limit,
+      rss: process.memoryUsage.rss(),
+      inflight,
+      requests,
+    });
+    delay.reset();
+  }, HEARTBEAT_MS);
+  heartbeat.unref();
+
+  function isServicePort(args) {
+    return Number.isInteger(PORT) && portOf(args) === PORT;
+  }
+}
+
+// The TCP port a listen() call asks for, or undefined (a path, a handle, an fd).
+function portOf(args) {
+  const first = args[0];
+  if (first !== null && typeof first === 'object') {
+    if (first.path !== undefined || first.fd !== undefined || first.handle !== undefined || first._handle !== undefined) return undefined;
+    return toPort(first.port);
+  }
+  if (typeof first === 'function') return 0;
+  return toPort(first);
+}
+
+function toPort(value) {
+  if (value === undefined || value === null) return 0;
+  if (typeof value === 'number') return value;
+  if (typeof value === 'string' && /^\d+$/.test(value)) return Number(value);
+  return undefined;
+}
+
+module.exports = { portOf };

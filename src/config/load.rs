@@ -1,0 +1,318 @@
+//! Reading the config: finding the file, parsing TOML or JSON with positions
+//! in every error, interpolating `${VAR}`, layering flags over the file, and
+//! resolving the app, the node executable and the workers' environment.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use super::{Config, Settings, Workers, detect, interpolate};
+use crate::error::{Error, Result};
+
+/// What the command line says; each `Some` wins over the config file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub dir: Option<PathBuf>,
+    pub config: Option<PathBuf>,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub workers: Option<Workers>,
+}
+
+/// Builds the settings a runtime starts with.
+pub fn resolve(flags: &Overrides) -> Result<Settings> {
+    let dir = flags.dir.clone().unwrap_or_else(|| PathBuf::from("."));
+    if !dir.is_dir() {
+        return Err(Error::app(
+            format!("app directory {} does not exist", dir.display()),
+            "pass the directory of a Node.js app: ampere start path/to/app",
+        ));
+    }
+    let source = find_config(&dir, flags.config.as_deref())?;
+    let mut config = match &source {
+        Some(path) => parse_file(path)?,
+        None => Config::default(),
+    };
+    let config_dir = source.as_deref().and_then(Path::parent).map(|p| {
+        if p.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            p
+        }
+    });
+
+    let app_dir = match (&config.app.dir, config_dir) {
+        (Some(d), Some(base)) => base.join(d),
+        (Some(d), None) => d.clone(),
+        (None, _) if flags.dir.is_some() => dir.clone(),
+        (None, Some(base)) => base.to_path_buf(),
+        (None, None) => dir.clone(),
+    };
+    let app_dir = std::fs::canonicalize(&app_dir).map_err(|_| {
+        Error::app(
+            format!("app directory {} does not exist", app_dir.display()),
+            "fix app.dir in the config; it is relative to the config file",
+        )
+    })?;
+
+    if let Some(host) = &flags.host {
+        config.server.host = host.as_str().into();
+    }
+    if let Some(port) = flags.port {
+        config.server.port = super::Port(port);
+    }
+    if let Some(workers) = flags.workers {
+        config.server.workers = workers;
+    }
+
+    let host = parse_host(config.server.host.as_str()).map_err(|message| match &source {
+        Some(path) if flags.host.is_none() => {
+            Error::config(path, 0, 0, format!("server.host: {message}"))
+        }
+        _ => Error::Flag {
+            flag: "--host",
+            message,
+        },
+    })?;
+    let addr = SocketAddr::new(host, config.server.port.0);
+    let workers = config.server.workers.resolve();
+
+    let (launch, package_name) = detect::detect(&app_dir, &config.app)?;
+    let node = find_node(config.node.executable.as_str())?;
+    let env = worker_env(&config, &app_dir)?;
+    let service = config
+        .app
+        .name
+        .clone()
+        .or(package_name)
+        .or_else(|| {
+            app_dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+        })
+        .unwrap_or_else(|| "app".to_owned());
+
+    Ok(Settings {
+        source,
+        config,
+        service,
+        app_dir,
+        addr,
+        workers,
+        node,
+        launch,
+        env,
+    })
+}
+
+/// The explicit `--config`, else `ampere.toml` or `ampere.json` in `dir`.
+fn find_config(dir: &Path, explicit: Option<&Path>) -> Result<Option<PathBuf>> {
+    if let Some(path) = explicit {
+        if !path.is_file() {
+            return Err(Error::Flag {
+                flag: "--config",
+                message: format!("config file {} does not exist", path.display()),
+            });
+        }
+        return Ok(Some(path.to_path_buf()));
+    }
+    let toml = dir.join("ampere.toml");
+    let json = dir.join("ampere.json");
+    match (toml.is_file(), json.is_file()) {
+        (true, true) => Err(Error::app(
+            format!("both {} and {} exist", toml.display(), json.display()),
+            "keep one of them, or choose with --config",
+        )),
+        (true, false) => Ok(Some(toml)),
+        (false, true) => Ok(Some(json)),
+        (false, false) => Ok(None),
+    }
+}
+
+/// Parses one config file; `${VAR}` sees the process environment and the
+/// `.env` file beside the config (the process environment wins).
+pub fn parse_file(path: &Path) -> Result<Config> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+    let mut vars: HashMap<String, String> = HashMap::new();
+    if let Some(dotenv) = path
+        .parent()
+        .map(|d| d.join(".env"))
+        .filter(|p| p.is_file())
+    {
+        vars.extend(read_dotenv(&dotenv)?);
+    }
+    vars.extend(std::env::vars());
+    interpolate::with_vars(vars, || parse_text(path, &text))
+}
+
+fn parse_text(path: &Path, text: &str) -> Result<Config> {
+    let is_json = path.extension().is_some_and(|e| e == "json");
+    if is_json {
+        serde_json::from_str(text)
+            .map_err(|e| Error::config(path, e.line(), e.column(), serde_json_message(&e)))
+    } else {
+        toml::from_str(text).map_err(|e| {
+            let (line, column) = e
+                .span()
+                .map_or((0, 0), |span| line_column(text, span.start));
+            Error::config(path, line, column, e.message().trim().replace('\n', "; "))
+        })
+    }
+}
+
+/// serde_json's message without its " at line L column C" suffix (we put the
+/// position in front, like every other error).
+pub(super) fn serde_json_message(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    match text.rfind(" at line ") {
+        Some(i) => text[..i].to_owned(),
+        None => text,
+    }
+}
+
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before
+        .rfind('\n')
+        .map_or(before.len(), |i| before.len() - i - 1)
+        + 1;
+    (line, column)
+}
+
+fn parse_host(host: &str) -> std::result::Result<IpAddr, String> {
+    if host.eq_ignore_ascii_case("localhost") {
+        return Ok(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    }
+    host.trim_matches(['[', ']'])
+        .parse()
+        .map_err(|_| format!("{host:?} is not an IP address (use e.g. 0.0.0.0, ::, 127.0.0.1)"))
+}
+
+/// Finds the node executable: a path as given, or a name on PATH.
+fn find_node(executable: &str) -> Result<PathBuf> {
+    let hint = "install Node.js, or set [node] executable = \"/path/to/node\" in ampere.toml";
+    if executable.contains('/') {
+        let path = PathBuf::from(executable);
+        return if is_executable(&path) {
+            Ok(path)
+        } else {
+            Err(Error::app(
+                format!("node executable {executable} does not exist or is not executable"),
+                hint,
+            ))
+        };
+    }
+    let path_var = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path_var)
+        .map(|dir| dir.join(executable))
+        .find(|p| is_executable(p))
+        .ok_or_else(|| Error::app(format!("no `{executable}` executable found on PATH"), hint))
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+fn read_dotenv(path: &Path) -> Result<Vec<(String, String)>> {
+    let iter = dotenvy::from_path_iter(path).map_err(|e| {
+        Error::io(
+            format!("reading {}", path.display()),
+            std::io::Error::other(e),
+        )
+    })?;
+    iter.map(|item| {
+        item.map_err(|e| match e {
+            dotenvy::Error::LineParse(line, col) => Error::config(
+                path,
+                0,
+                0,
+                format!("cannot parse line {line:?} (at character {col})"),
+            ),
+            other => Error::io(
+                format!("reading {}", path.display()),
+                std::io::Error::other(other),
+            ),
+        })
+    })
+    .collect()
+}
+
+/// The environment every worker starts with.
+fn worker_env(config: &Config, app_dir: &Path) -> Result<BTreeMap<String, String>> {
+    let mut env: BTreeMap<String, String> = BTreeMap::new();
+    let env_file = match &config.app.env_file {
+        Some(f) => {
+            let path = app_dir.join(f);
+            if !path.is_file() {
+                return Err(Error::app(
+                    format!("env file {} does not exist", path.display()),
+                    "fix app.env_file in the config, or remove it",
+                ));
+            }
+            Some(path)
+        }
+        None => Some(app_dir.join(".env")).filter(|p| p.is_file()),
+    };
+    if let Some(path) = env_file {
+        env.extend(read_dotenv(&path)?);
+    }
+    env.extend(std::env::vars());
+    env.extend(config.env.iter().map(|(k, v)| (k.clone(), v.0.clone())));
+    env.insert("PORT".into(), config.server.port.0.to_string());
+    Ok(env)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config> {
+        interpolate::with_vars(HashMap::from([("P".into(), "4000".into())]), || {
+            parse_text(Path::new("ampere.toml"), text)
+        })
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_column() {
+        let err = parse("[server]\nport = 1\nportt = 2\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("ampere.toml:3:1: unknown field `portt`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn interpolation_in_port_and_missing_variable() {
+        let cfg = parse("[server]\nport = \"${P}\"\n").unwrap();
+        assert_eq!(cfg.server.port.0, 4000);
+        let err = parse("[server]\nhost = \"${NOPE}\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("ampere.toml:2:8:"), "{err}");
+        assert!(err.contains("NOPE is not set"), "{err}");
+    }
+
+    #[test]
+    fn json_errors_have_positions() {
+        let err = parse_text(
+            Path::new("ampere.json"),
+            "{\n  \"server\": {\"nope\": 1}\n}",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("ampere.json:2:"), "{err}");
+        assert!(err.contains("unknown field `nope`"), "{err}");
+    }
+
+    #[test]
+    fn durations_parse() {
+        let cfg = parse("[shutdown]\ntimeout = \"2s 500ms\"\n").unwrap();
+        assert_eq!(cfg.shutdown.timeout.get().as_millis(), 2500);
+        assert!(parse("[shutdown]\ntimeout = \"soon\"\n").is_err());
+    }
+}

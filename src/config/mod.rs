@@ -1,0 +1,280 @@
+//! Configuration: the `ampere.toml` / `ampere.json` types, their defaults and
+//! documentation (the JSON Schema is generated from these structs), and the
+//! resolution of file + flags + app detection into the [`Settings`] the
+//! supervisor runs with.
+//!
+//! Precedence: command-line flags, then the config file, then defaults.
+
+mod detect;
+mod interpolate;
+mod load;
+mod units;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub use detect::Launch;
+pub use load::{Overrides, resolve};
+pub use units::{Duration, EnvString, Port, Workers};
+
+/// The configuration file of one ampere runtime. Every table and key is
+/// optional; unknown keys are errors.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The JSON Schema this file follows (for editors); ignored by ampere.
+    #[serde(rename = "$schema", skip_serializing_if = "Option::is_none")]
+    pub schema: Option<String>,
+    pub server: ServerConfig,
+    pub app: AppConfig,
+    pub node: NodeConfig,
+    /// Environment variables for the workers. They override the process
+    /// environment and the `.env` file.
+    pub env: BTreeMap<String, EnvString>,
+    pub worker: WorkerConfig,
+    pub restart: RestartConfig,
+    pub shutdown: ShutdownConfig,
+    pub logger: LoggerConfig,
+}
+
+/// Where the service listens and how many workers serve it.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to listen on: "0.0.0.0" (all IPv4), "::" (all IPv4 and IPv6),
+    /// "127.0.0.1", ...
+    pub host: EnvString,
+    /// TCP port of the service. The workers also get it as `PORT`.
+    pub port: Port,
+    /// Number of worker processes, or "auto" for one per CPU this process may
+    /// use (honouring cgroup CPU quotas, as a container limit sets them).
+    pub workers: Workers,
+    /// How workers share the port. "reuseport": one SO_REUSEPORT listening
+    /// socket per worker, the kernel spreads connections (Linux default).
+    /// "shared": one listening socket accepted from by every worker (the
+    /// default where SO_REUSEPORT does not balance load).
+    pub listener: ListenerMode,
+    /// Accept-queue length of each listening socket.
+    pub backlog: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            host: "0.0.0.0".into(),
+            port: Port(3000),
+            workers: Workers::Auto,
+            listener: ListenerMode::default(),
+            backlog: 511,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerMode {
+    Reuseport,
+    Shared,
+}
+
+impl Default for ListenerMode {
+    fn default() -> Self {
+        if cfg!(target_os = "linux") {
+            ListenerMode::Reuseport
+        } else {
+            ListenerMode::Shared
+        }
+    }
+}
+
+/// The Node.js app. Leave `entry` and `command` out to detect the app from
+/// its package.json (Next.js, `main`, or a `start` script `node <file>`).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct AppConfig {
+    /// Service name used in logs (default: package.json `name`, else the
+    /// directory's name).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The app's directory, relative to this file (default: the directory of
+    /// this file, or the DIR given to `ampere start`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
+    /// Script that node runs, relative to the app directory, e.g. "server.js".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entry: Option<EnvString>,
+    /// Arguments passed to the entry script.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<EnvString>,
+    /// A command to run instead of `node <entry>`, e.g. ["npx", "tsx",
+    /// "server.ts"]; the agent is then loaded through NODE_OPTIONS.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<EnvString>,
+    /// A dotenv file loaded into the workers' environment, relative to the app
+    /// directory (default ".env", if it exists). The process environment wins
+    /// over it; the `[env]` table wins over both.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub env_file: Option<PathBuf>,
+}
+
+/// The Node.js runtime the workers run on.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// The node executable: a path, or a name looked up on PATH.
+    pub executable: EnvString,
+    /// Options for node, before the script, e.g. ["--max-old-space-size=512"].
+    pub options: Vec<EnvString>,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            executable: "node".into(),
+            options: Vec::new(),
+        }
+    }
+}
+
+/// Worker process lifecycle.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// How long a new worker may take to listen before it is killed and
+    /// counted as a failed start.
+    pub start_timeout: Duration,
+    /// How often the agent in each worker sends a heartbeat.
+    pub heartbeat_interval: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            start_timeout: Duration::from_secs(60),
+            heartbeat_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Restarts of crashed workers: exponential backoff.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct RestartConfig {
+    /// Delay before the second consecutive restart; the first restart after a
+    /// stable run is immediate. Each further failure doubles the delay.
+    pub delay: Duration,
+    /// Upper bound of the delay.
+    pub max_delay: Duration,
+    /// A worker that stays up this long after becoming ready has run stably:
+    /// its next crash starts the backoff afresh.
+    pub reset_after: Duration,
+}
+
+impl Default for RestartConfig {
+    fn default() -> Self {
+        RestartConfig {
+            delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(15),
+            reset_after: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Graceful shutdown on SIGTERM / SIGINT.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// How long in-flight requests may take to finish; workers still running
+    /// after it are killed. Keep it below Kubernetes'
+    /// terminationGracePeriodSeconds (30s by default).
+    pub timeout: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The log stream on ampere's stdout.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggerConfig {
+    /// Lowest level written: trace, debug, info, warn, error, fatal.
+    pub level: LogLevel,
+    /// "json": one JSON object per line (pino-compatible). "pretty": for
+    /// people. "auto": pretty on a terminal, JSON otherwise.
+    pub format: LogFormat,
+}
+
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Deserialize, Serialize, JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Trace,
+    Debug,
+    #[default]
+    Info,
+    Warn,
+    Error,
+    Fatal,
+}
+
+impl LogLevel {
+    /// pino's numeric level.
+    pub fn number(self) -> u8 {
+        match self {
+            LogLevel::Trace => 10,
+            LogLevel::Debug => 20,
+            LogLevel::Info => 30,
+            LogLevel::Warn => 40,
+            LogLevel::Error => 50,
+            LogLevel::Fatal => 60,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Auto,
+    Json,
+    Pretty,
+}
+
+/// Everything resolved: what the supervisor runs.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The config file that was read, if any.
+    pub source: Option<PathBuf>,
+    pub config: Config,
+    /// Service name for logs.
+    pub service: String,
+    pub app_dir: PathBuf,
+    pub addr: SocketAddr,
+    pub workers: usize,
+    pub node: PathBuf,
+    pub launch: Launch,
+    /// The workers' environment, complete (process env, .env, [env], PORT).
+    pub env: BTreeMap<String, String>,
+}
+
+impl Settings {
+    pub fn host(&self) -> IpAddr {
+        self.addr.ip()
+    }
+}
+
+/// The JSON Schema of the config file.
+pub fn schema() -> String {
+    let schema = schemars::schema_for!(Config);
+    serde_json::to_string_pretty(&schema).expect("a schema always serializes")
+}

@@ -1,0 +1,33 @@
+//! ampere: a production application server for Node.js.
+//!
+//! The supervisor (this binary) owns the listening sockets and hands one to
+//! each `node` worker process by file descriptor; a small JS agent preloaded
+//! into every worker makes the app's own `listen()` adopt it. See README.md
+//! for the architecture.
+
+mod agent;
+mod cli;
+mod config;
+mod error;
+mod listeners;
+mod supervisor;
+mod telemetry;
+mod worker;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    match cli::run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            if let Some(hint) = e.hint() {
+                eprintln!("hint: {hint}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,507 @@
+//! The log stream: every worker's stdout and stderr and the supervisor's own
+//! events, as one stream on ampere's stdout.
+//!
+//! JSON mode writes one pino-compatible object per line (`level` as pino's
+//! number, `time` in epoch milliseconds, `msg`). A worker line that is
+//! already a JSON object (pino, bunyan) passes through with `service`,
+//! `worker` and `pid` added; any other line is wrapped, at level 30 (info) for
+//! stdout and 50 (error) for stderr. Nothing is lost: a line longer than
+//! [`MAX_CHUNK`] is written in pieces marked `"partial": true`, a last line
+//! without a newline is written at end of file, and bytes that are not UTF-8
+//! are kept in `msg_base64` next to a lossy `msg`. Pretty mode renders the
+//! same records for people.
+//!
+//! A dedicated thread writes to stdout, so a slow terminal or pipe never
+//! stalls the supervisor's event loop; the queue to it is bounded, so worker
+//! output is slowed down to what stdout takes instead of piling up here.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt::Write as _;
+use std::io::{IsTerminal, Write};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use bytes::BytesMut;
+use futures_util::StreamExt;
+use serde::de::IgnoredAny;
+use tokio::io::AsyncRead;
+use tokio::sync::mpsc;
+use tokio_util::codec::{Decoder, FramedRead};
+
+use crate::config::{LogFormat, LogLevel, LoggerConfig};
+
+/// Longest piece of a line written as one record.
+pub const MAX_CHUNK: usize = 64 * 1024;
+/// Records waiting for stdout before producers wait.
+const QUEUE: usize = 4096;
+/// Lines of a worker's stderr kept to explain why it died.
+pub const STDERR_TAIL: usize = 20;
+
+enum Item {
+    Record(Vec<u8>),
+    Close(std::sync::mpsc::Sender<()>),
+}
+
+/// A handle to the log stream; cheap to clone.
+#[derive(Clone)]
+pub struct Logs {
+    tx: mpsc::Sender<Item>,
+    pretty: bool,
+    color: bool,
+    min_level: u8,
+}
+
+/// Which worker stream a line came from.
+#[derive(Clone)]
+pub struct Origin {
+    pub service: Arc<str>,
+    pub worker: usize,
+    pub pid: u32,
+    pub stderr: bool,
+}
+
+impl Logs {
+    /// Starts the writer thread.
+    pub fn start(config: &LoggerConfig) -> Logs {
+        let (tx, mut rx) = mpsc::channel::<Item>(QUEUE);
+        std::thread::Builder::new()
+            .name("ampere-log".into())
+            .spawn(move || {
+                let stdout = std::io::stdout();
+                let mut out = std::io::BufWriter::with_capacity(64 * 1024, stdout.lock());
+                let mut broken = false;
+                while let Some(item) = rx.blocking_recv() {
+                    match item {
+                        Item::Record(bytes) => {
+                            // A closed stdout (`ampere start | head`) must not
+                            // stop the runtime: keep draining, write nothing.
+                            if !broken && out.write_all(&bytes).is_err() {
+                                broken = true;
+                            }
+                        }
+                        Item::Close(done) => {
+                            let _ = out.flush();
+                            let _ = done.send(());
+                            continue;
+                        }
+                    }
+                    if rx.is_empty() && !broken && out.flush().is_err() {
+                        broken = true;
+                    }
+                }
+                let _ = out.flush();
+            })
+            .expect("spawning the log writer thread");
+        let terminal = std::io::stdout().is_terminal();
+        let pretty = match config.format {
+            LogFormat::Json => false,
+            LogFormat::Pretty => true,
+            LogFormat::Auto => terminal,
+        };
+        Logs {
+            tx,
+            pretty,
+            color: pretty && terminal && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+            min_level: config.level.number(),
+        }
+    }
+
+    /// Writes everything queued so far; for the moment before exit.
+    pub fn flush(&self) {
+        let (done, wait) = std::sync::mpsc::channel();
+        if self.tx.try_send(Item::Close(done)).is_ok() {
+            let _ = wait.recv_timeout(std::time::Duration::from_secs(5));
+        }
+    }
+
+    fn enabled(&self, level: u8) -> bool {
+        level >= self.min_level
+    }
+
+    /// Queues a supervisor event without waiting (events are few; if the
+    /// queue is full the event is dropped rather than stalling the loop).
+    pub fn event(&self, level: u8, msg: &str, fields: &[(&str, serde_json::Value)]) {
+        if !self.enabled(level) {
+            return;
+        }
+        let rendered = if self.pretty {
+            self.render_pretty(now_ms(), level, Some(("ampere", None)), msg, fields)
+        } else {
+            let mut line = format!(
+                "{{\"level\":{level},\"time\":{},\"pid\":{},\"name\":\"ampere\",\"msg\":{}",
+                now_ms(),
+                std::process::id(),
+                json_str(msg)
+            );
+            for (k, v) in fields {
+                let _ = write!(line, ",{}:{}", json_str(k), v);
+            }
+            line.push_str("}\n");
+            line.into_bytes()
+        };
+        let _ = self.tx.try_send(Item::Record(rendered));
+    }
+
+    /// Formats one line (or piece of a line) of worker output.
+    fn worker_record(&self, origin: &Origin, bytes: &[u8], partial: bool) -> Option<Vec<u8>> {
+        let bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
+        if !partial && let Some(keys) = json_object_keys(bytes) {
+            return Some(if self.pretty {
+                self.pretty_json_line(origin, bytes)
+            } else {
+                inject_fields(bytes, &keys, origin)
+            });
+        }
+        let level = if origin.stderr { 50 } else { 30 };
+        if !self.enabled(level) {
+            return None;
+        }
+        let (msg, raw) = match std::str::from_utf8(bytes) {
+            Ok(s) => (std::borrow::Cow::Borrowed(s), None),
+            Err(_) => (
+                String::from_utf8_lossy(bytes),
+                Some(base64::engine::general_purpose::STANDARD.encode(bytes)),
+            ),
+        };
+        let mut fields: Vec<(&str, serde_json::Value)> = Vec::new();
+        if partial {
+            fields.push(("partial", true.into()));
+        }
+        if let Some(raw) = raw {
+            fields.push(("msg_base64", raw.into()));
+        }
+        if self.pretty {
+            return Some(self.render_pretty(
+                now_ms(),
+                level,
+                Some((&origin.service, Some((origin.worker, origin.pid)))),
+                &msg,
+                &fields,
+            ));
+        }
+        let mut line = format!(
+            "{{\"level\":{level},\"time\":{},\"service\":{},\"worker\":{},\"pid\":{},\"stream\":\"{}\",\"msg\":{}",
+            now_ms(),
+            json_str(&origin.service),
+            origin.worker,
+            origin.pid,
+            if origin.stderr { "stderr" } else { "stdout" },
+            json_str(&msg),
+        );
+        for (k, v) in fields {
+            let _ = write!(line, ",\"{k}\":{v}");
+        }
+        line.push_str("}\n");
+        Some(line.into_bytes())
+    }
+
+    fn pretty_json_line(&self, origin: &Origin, bytes: &[u8]) -> Vec<u8> {
+        let value: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(bytes).unwrap_or_default();
+        let level = value
+            .get("level")
+            .and_then(|l| l.as_u64())
+            .map_or(30, |l| l.min(60) as u8);
+        let time = value
+            .get("time")
+            .and_then(|t| t.as_u64())
+            .unwrap_or_else(now_ms);
+        let msg = value.get("msg").and_then(|m| m.as_str()).unwrap_or("");
+        let skip = ["level", "time", "msg", "pid", "hostname", "v"];
+        let fields: Vec<(&str, serde_json::Value)> = value
+            .iter()
+            .filter(|(k, _)| !skip.contains(&k.as_str()))
+            .map(|(k, v)| (k.as_str(), v.clone()))
+            .collect();
+        self.render_pretty(
+            time,
+            level,
+            Some((&origin.service, Some((origin.worker, origin.pid)))),
+            msg,
+            &fields,
+        )
+    }
+
+    fn render_pretty(
+        &self,
+        time: u64,
+        level: u8,
+        who: Option<(&str, Option<(usize, u32)>)>,
+        msg: &str,
+        fields: &[(&str, serde_json::Value)],
+    ) -> Vec<u8> {
+        let (name, color) = match level {
+            0..=10 => ("TRACE", "\x1b[90m"),
+            11..=20 => ("DEBUG", "\x1b[36m"),
+            21..=30 => ("INFO ", "\x1b[32m"),
+            31..=40 => ("WARN ", "\x1b[33m"),
+            41..=50 => ("ERROR", "\x1b[31m"),
+            _ => ("FATAL", "\x1b[35m"),
+        };
+        let secs = time / 1000;
+        let mut line = format!(
+            "{:02}:{:02}:{:02}.{:03} ",
+            (secs / 3600) % 24,
+            (secs / 60) % 60,
+            secs % 60,
+            time % 1000
+        );
+        if self.color {
+            let _ = write!(line, "{color}{name}\x1b[0m ");
+        } else {
+            let _ = write!(line, "{name} ");
+        }
+        match who {
+            Some((service, Some((worker, pid)))) => {
+                let _ = write!(line, "{service}[{worker}:{pid}] ");
+            }
+            Some((service, None)) => {
+                let _ = write!(line, "{service} ");
+            }
+            None => {}
+        }
+        line.push_str(msg);
+        for (k, v) in fields {
+            match v {
+                serde_json::Value::String(s) => {
+                    let _ = write!(line, " {k}={s}");
+                }
+                other => {
+                    let _ = write!(line, " {k}={other}");
+                }
+            }
+        }
+        line.push('\n');
+        line.into_bytes()
+    }
+}
+
+/// Reads one worker stream to its end, writing every line to the log stream
+/// and keeping the last lines of stderr in `tail`.
+pub async fn pump(
+    reader: impl AsyncRead + Unpin,
+    origin: Origin,
+    logs: Logs,
+    tail: Option<Arc<Mutex<VecDeque<String>>>>,
+) {
+    let mut lines = FramedRead::new(reader, LineChunks);
+    while let Some(Ok((bytes, partial))) = lines.next().await {
+        if let Some(tail) = &tail
+            && let Ok(mut tail) = tail.lock()
+        {
+            if tail.len() == STDERR_TAIL {
+                tail.pop_front();
+            }
+            let text = String::from_utf8_lossy(&bytes);
+            tail.push_back(text.chars().take(500).collect());
+        }
+        if let Some(record) = logs.worker_record(&origin, &bytes, partial) {
+            // Waiting here is the back-pressure: the worker's pipe fills and
+            // its writes wait, as they would on a slow terminal.
+            if logs.tx.send(Item::Record(record)).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Splits a byte stream into lines, and lines longer than [`MAX_CHUNK`] into
+/// pieces (cut on a UTF-8 boundary); yields `(bytes, partial)`.
+struct LineChunks;
+
+impl Decoder for LineChunks {
+    type Item = (BytesMut, bool);
+    type Error = std::io::Error;
+
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Self::Item>, Self::Error> {
+        let window = &buf[..buf.len().min(MAX_CHUNK + 1)];
+        if let Some(nl) = window.iter().position(|b| *b == b'\n') {
+            let mut line = buf.split_to(nl + 1);
+            line.truncate(nl);
+            return Ok(Some((line, false)));
+        }
+        if buf.len() > MAX_CHUNK {
+            let mut cut = MAX_CHUNK;
+            // Back up over UTF-8 continuation bytes (at most 3).
+            while cut > MAX_CHUNK - 4 && (buf[cut] & 0b1100_0000) == 0b1000_0000 {
+                cut -= 1;
+            }
+            return Ok(Some((buf.split_to(cut), true)));
+        }
+        Ok(None)
+    }
+
+    fn decode_eof(&mut self, buf: &mut BytesMut) -> Result<Option<Self::Item>, Self::Error> {
+        match self.decode(buf)? {
+            Some(item) => Ok(Some(item)),
+            None if buf.is_empty() => Ok(None),
+            None => Ok(Some((buf.split(), false))),
+        }
+    }
+}
+
+/// The top-level keys of `bytes` if it is one JSON object.
+fn json_object_keys(bytes: &[u8]) -> Option<HashMap<String, IgnoredAny>> {
+    if bytes.first() != Some(&b'{') {
+        return None;
+    }
+    serde_json::from_slice(bytes).ok()
+}
+
+/// `{"service":..,"worker":..,"pid":..,` + the rest of the object, adding only
+/// the fields it does not have.
+fn inject_fields(bytes: &[u8], keys: &HashMap<String, IgnoredAny>, origin: &Origin) -> Vec<u8> {
+    let mut head = String::from("{");
+    if !keys.contains_key("service") {
+        let _ = write!(head, "\"service\":{},", json_str(&origin.service));
+    }
+    if !keys.contains_key("worker") {
+        let _ = write!(head, "\"worker\":{},", origin.worker);
+    }
+    if !keys.contains_key("pid") {
+        let _ = write!(head, "\"pid\":{},", origin.pid);
+    }
+    let rest = &bytes[1..];
+    let mut out = head.into_bytes();
+    if keys.is_empty() {
+        out.pop(); // no trailing comma before the closing brace
+        out.extend_from_slice(b"}");
+    } else {
+        out.extend_from_slice(rest);
+    }
+    out.push(b'\n');
+    out
+}
+
+fn json_str(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A `tracing` layer that writes the supervisor's events into the stream.
+pub struct TracingLayer {
+    pub logs: Logs,
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for TracingLayer {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        let level = match *event.metadata().level() {
+            tracing::Level::TRACE => 10,
+            tracing::Level::DEBUG => 20,
+            tracing::Level::INFO => 30,
+            tracing::Level::WARN => 40,
+            tracing::Level::ERROR => 50,
+        };
+        let mut visitor = Fields::default();
+        event.record(&mut visitor);
+        let fields: Vec<(&str, serde_json::Value)> = visitor
+            .fields
+            .iter()
+            .map(|(k, v)| (*k, v.clone()))
+            .collect();
+        self.logs.event(level, &visitor.msg, &fields);
+    }
+}
+
+#[derive(Default)]
+struct Fields {
+    msg: String,
+    fields: Vec<(&'static str, serde_json::Value)>,
+}
+
+impl tracing::field::Visit for Fields {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        let text = format!("{value:?}");
+        if field.name() == "message" {
+            self.msg = text;
+        } else {
+            self.fields.push((field.name(), text.into()));
+        }
+    }
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if field.name() == "message" {
+            self.msg = value.to_owned();
+        } else {
+            self.fields.push((field.name(), value.into()));
+        }
+    }
+    fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+        self.fields.push((field.name(), value.into()));
+    }
+    fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
+        self.fields.push((field.name(), value.into()));
+    }
+    fn record_f64(&mut self, field: &tracing::field::Field, value: f64) {
+        self.fields.push((field.name(), value.into()));
+    }
+    fn record_bool(&mut self, field: &tracing::field::Field, value: bool) {
+        self.fields.push((field.name(), value.into()));
+    }
+}
+
+/// The tracing filter for a configured level.
+pub fn level_filter(level: LogLevel) -> tracing_subscriber::filter::LevelFilter {
+    use tracing_subscriber::filter::LevelFilter;
+    match level {
+        LogLevel::Trace => LevelFilter::TRACE,
+        LogLevel::Debug => LevelFilter::DEBUG,
+        LogLevel::Info => LevelFilter::INFO,
+        LogLevel::Warn => LevelFilter::WARN,
+        LogLevel::Error | LogLevel::Fatal => LevelFilter::ERROR,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn origin() -> Origin {
+        Origin {
+            service: "api".into(),
+            worker: 1,
+            pid: 42,
+            stderr: false,
+        }
+    }
+
+    #[test]
+    fn pino_lines_pass_through_with_fields_added() {
+        let line = br#"{"level":30,"time":1,"pid":42,"msg":"hi"}"#;
+        let keys = json_object_keys(line).unwrap();
+        let out = String::from_utf8(inject_fields(line, &keys, &origin())).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["service"], "api");
+        assert_eq!(v["worker"], 1);
+        assert_eq!(v["msg"], "hi");
+        assert_eq!(out.matches("\"pid\"").count(), 1);
+        let empty = String::from_utf8(inject_fields(b"{}", &HashMap::new(), &origin())).unwrap();
+        assert!(
+            serde_json::from_str::<serde_json::Value>(&empty).is_ok(),
+            "{empty}"
+        );
+    }
+
+    #[test]
+    fn long_lines_are_cut_on_char_boundaries_and_nothing_is_lost() {
+        let mut text = "é".repeat(MAX_CHUNK); // 2 bytes each
+        text.push('\n');
+        text.push_str("tail without newline");
+        let mut buf = BytesMut::from(text.as_bytes());
+        let mut codec = LineChunks;
+        let mut joined = Vec::new();
+        let mut parts = 0;
+        while let Some((chunk, _)) = codec.decode_eof(&mut buf).unwrap() {
+            assert!(std::str::from_utf8(&chunk).is_ok());
+            joined.extend_from_slice(&chunk);
+            parts += 1;
+        }
+        assert!(parts >= 3);
+        assert_eq!(joined.len(), text.len() - 1); // all but the newline
+    }
+}

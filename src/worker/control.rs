@@ -1,0 +1,78 @@
+//! The control channel between the supervisor and the agent in one worker:
+//! an inherited socketpair carrying newline-delimited JSON, one message per
+//! line, in both directions.
+
+use serde::{Deserialize, Serialize};
+
+/// Longest message accepted from an agent; a longer line is a broken agent.
+pub const MAX_LINE: usize = 1 << 20;
+
+/// What the agent reports.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AgentMessage {
+    /// The app listens on the service port: the worker is ready.
+    Listening {
+        #[serde(default)]
+        node: Option<String>,
+    },
+    /// The app listens on another TCP port, which ampere does not serve.
+    ListenOther {
+        port: u16,
+    },
+    Heartbeat(Heartbeat),
+    /// The worker stopped accepting and its last connection closed.
+    Drained,
+    /// Anything newer than this supervisor knows.
+    #[serde(other)]
+    Unknown,
+}
+
+/// One health sample, sent every `worker.heartbeat_interval`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Heartbeat {
+    /// Event-loop utilisation over the interval, 0..1.
+    pub elu: f64,
+    pub delay_p50_ms: f64,
+    pub delay_p99_ms: f64,
+    pub delay_max_ms: f64,
+    pub heap_used: u64,
+    pub heap_total: u64,
+    pub heap_limit: u64,
+    pub rss: u64,
+    /// Requests being handled now.
+    pub inflight: u64,
+    /// Requests since the worker started.
+    pub requests: u64,
+}
+
+/// What the supervisor asks of the agent.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum SupervisorMessage {
+    /// Stop accepting, finish in-flight requests with `Connection: close`,
+    /// close idle keep-alive connections, then report `drained`.
+    Drain,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_agent_messages() {
+        let m: AgentMessage =
+            serde_json::from_str(r#"{"type":"listening","pid":1,"node":"v20"}"#).unwrap();
+        assert!(matches!(m, AgentMessage::Listening { .. }));
+        let m: AgentMessage =
+            serde_json::from_str(r#"{"type":"heartbeat","elu":0.5,"rss":10}"#).unwrap();
+        assert!(matches!(m, AgentMessage::Heartbeat(h) if h.rss == 10));
+        let m: AgentMessage = serde_json::from_str(r#"{"type":"future"}"#).unwrap();
+        assert!(matches!(m, AgentMessage::Unknown));
+        assert_eq!(
+            serde_json::to_string(&SupervisorMessage::Drain).unwrap(),
+            r#"{"type":"drain"}"#
+        );
+    }
+}

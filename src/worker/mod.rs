@@ -1,0 +1,210 @@
+//! One worker process in one slot: how it is started (inherited listening
+//! socket and control channel, agent preloaded, tied to the supervisor's
+//! life), its state, and the tasks that forward its output and messages.
+
+pub mod control;
+mod spawn;
+
+use std::collections::VecDeque;
+use std::os::fd::BorrowedFd;
+use std::process::ExitStatus;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use futures_util::StreamExt;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+use tokio_util::codec::{FramedRead, LinesCodec};
+
+pub use control::{AgentMessage, Heartbeat, SupervisorMessage};
+pub use spawn::Command;
+
+use crate::telemetry::logs::{self, Logs, Origin};
+
+/// Where a worker process is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Spawned, not yet listening.
+    Starting,
+    /// Listening on the service port.
+    Ready,
+    /// Asked to stop accepting and finish its requests.
+    Draining,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Starting => "starting",
+            State::Ready => "ready",
+            State::Draining => "draining",
+        }
+    }
+}
+
+/// What a worker's tasks tell the supervisor.
+#[derive(Debug)]
+pub enum Event {
+    Message(AgentMessage),
+    /// The control channel sent something that is not a message.
+    BadMessage(String),
+    Exited(ExitStatus),
+}
+
+/// An event with the worker it is about.
+#[derive(Debug)]
+pub struct WorkerEvent {
+    pub slot: usize,
+    /// Which process of the slot (slots outlive their processes).
+    pub id: u64,
+    pub event: Event,
+}
+
+/// A running worker process.
+pub struct Worker {
+    pub slot: usize,
+    pub id: u64,
+    pub pid: u32,
+    pub state: State,
+    pub started: Instant,
+    pub ready_at: Option<Instant>,
+    pub health: Option<Heartbeat>,
+    control: mpsc::UnboundedSender<SupervisorMessage>,
+    stderr_tail: Arc<Mutex<VecDeque<String>>>,
+}
+
+impl Worker {
+    /// Starts `command` in `slot`, accepting from `listener`.
+    pub fn spawn(
+        command: &Command,
+        slot: usize,
+        id: u64,
+        listener: BorrowedFd<'_>,
+        service: Arc<str>,
+        events: mpsc::UnboundedSender<WorkerEvent>,
+        logs: &Logs,
+    ) -> std::io::Result<Worker> {
+        let spawned = command.spawn(listener)?;
+        let mut child = spawned.child;
+        let pid = child.id().unwrap_or(0);
+        let tail = Arc::new(Mutex::new(VecDeque::with_capacity(logs::STDERR_TAIL)));
+        let origin = Origin {
+            service,
+            worker: slot,
+            pid,
+            stderr: false,
+        };
+        if let Some(stdout) = child.stdout.take() {
+            tokio::spawn(logs::pump(stdout, origin.clone(), logs.clone(), None));
+        }
+        let stderr_done = child.stderr.take().map(|stderr| {
+            tokio::spawn(logs::pump(
+                stderr,
+                Origin {
+                    stderr: true,
+                    ..origin
+                },
+                logs.clone(),
+                Some(tail.clone()),
+            ))
+        });
+
+        let (read, mut write) = spawned.control.into_split();
+        let tx = events.clone();
+        tokio::spawn(async move {
+            let mut lines =
+                FramedRead::new(read, LinesCodec::new_with_max_length(control::MAX_LINE));
+            while let Some(line) = lines.next().await {
+                let event = match line {
+                    Ok(line) => match serde_json::from_str(&line) {
+                        Ok(msg) => Event::Message(msg),
+                        Err(e) => Event::BadMessage(e.to_string()),
+                    },
+                    Err(e) => {
+                        let _ = tx.send(WorkerEvent {
+                            slot,
+                            id,
+                            event: Event::BadMessage(e.to_string()),
+                        });
+                        break;
+                    }
+                };
+                if tx.send(WorkerEvent { slot, id, event }).is_err() {
+                    break;
+                }
+            }
+        });
+        let (control, mut outbox) = mpsc::unbounded_channel::<SupervisorMessage>();
+        tokio::spawn(async move {
+            while let Some(msg) = outbox.recv().await {
+                let mut line = serde_json::to_vec(&msg).unwrap_or_default();
+                line.push(b'\n');
+                if write.write_all(&line).await.is_err() {
+                    break;
+                }
+            }
+        });
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            // Let the stderr pump reach end of file, so the last words of a
+            // crashing worker are in the tail before we report its exit. A
+            // grandchild may hold the pipe open: don't wait for it long.
+            if let Some(done) = stderr_done {
+                let _ = tokio::time::timeout(std::time::Duration::from_millis(200), done).await;
+            }
+            // Anything the app started in its process group goes with it.
+            spawn::kill_group(pid, nix::sys::signal::Signal::SIGKILL);
+            let status =
+                status.unwrap_or_else(|_| std::os::unix::process::ExitStatusExt::from_raw(0));
+            let _ = events.send(WorkerEvent {
+                slot,
+                id,
+                event: Event::Exited(status),
+            });
+        });
+
+        Ok(Worker {
+            slot,
+            id,
+            pid,
+            state: State::Starting,
+            started: Instant::now(),
+            ready_at: None,
+            health: None,
+            control,
+            stderr_tail: tail,
+        })
+    }
+
+    pub fn send(&self, msg: SupervisorMessage) {
+        let _ = self.control.send(msg);
+    }
+
+    /// Signals the worker's whole process group.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        spawn::kill_group(self.pid, signal);
+    }
+
+    /// The last lines the worker wrote to stderr, oldest first.
+    pub fn stderr_tail(&self) -> Vec<String> {
+        self.stderr_tail
+            .lock()
+            .map(|t| t.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// Describes an exit status for people: "exit code 1", "signal SIGKILL".
+pub fn describe_exit(status: &ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    if let Some(code) = status.code() {
+        format!("exit code {code}")
+    } else if let Some(sig) = status.signal() {
+        match nix::sys::signal::Signal::try_from(sig) {
+            Ok(s) => format!("signal {}", s.as_str()),
+            Err(_) => format!("signal {sig}"),
+        }
+    } else {
+        "unknown status".to_owned()
+    }
+}

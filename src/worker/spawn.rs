@@ -1,0 +1,184 @@
+//! Starting a worker process: the command line (node, its options, the
+//! preloaded agent, the app), the environment, and the descriptors it
+//! inherits. The `unsafe` here is confined to the `pre_exec` hook that runs
+//! between fork and exec.
+
+use std::ffi::OsString;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+
+use crate::config::{Launch, Settings};
+
+/// How to start a worker of one service: the same for every slot.
+#[derive(Debug, Clone)]
+pub struct Command {
+    program: PathBuf,
+    args: Vec<OsString>,
+    env: Vec<(OsString, OsString)>,
+    cwd: PathBuf,
+}
+
+pub struct Spawned {
+    pub child: tokio::process::Child,
+    /// The supervisor's end of the control channel.
+    pub control: tokio::net::UnixStream,
+}
+
+impl Command {
+    pub fn new(settings: &Settings, agent: &Path) -> Command {
+        let cfg = &settings.config;
+        let node_options: Vec<OsString> = cfg
+            .node
+            .options
+            .iter()
+            .map(|o| o.0.clone().into())
+            .collect();
+        let require = [OsString::from("--require"), agent.into()];
+        let mut env: Vec<(OsString, OsString)> = settings
+            .env
+            .iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect();
+        let (program, args) = match &settings.launch {
+            Launch::Script {
+                entry,
+                args,
+                node_options: script_options,
+            } => {
+                let mut all = node_options;
+                all.extend(script_options.iter().map(OsString::from));
+                all.extend(require);
+                all.push(entry.into());
+                all.extend(args.iter().map(OsString::from));
+                (settings.node.clone(), all)
+            }
+            Launch::Next { bin } => {
+                let mut all = node_options;
+                all.extend(require);
+                all.push(bin.into());
+                all.extend(
+                    [
+                        "start".to_owned(),
+                        "-p".to_owned(),
+                        settings.addr.port().to_string(),
+                        "-H".to_owned(),
+                        settings.host().to_string(),
+                    ]
+                    .map(OsString::from),
+                );
+                (settings.node.clone(), all)
+            }
+            Launch::Command { program, args } => {
+                // Any node the command starts preloads the agent; only the
+                // one that inherits the descriptors acts on it.
+                let existing = settings
+                    .env
+                    .get("NODE_OPTIONS")
+                    .cloned()
+                    .unwrap_or_default();
+                let quoted = format!("--require \"{}\"", agent.display());
+                env.retain(|(k, _)| k != "NODE_OPTIONS");
+                env.push((
+                    "NODE_OPTIONS".into(),
+                    format!("{existing} {quoted}").trim().into(),
+                ));
+                (
+                    PathBuf::from(program),
+                    args.iter().map(OsString::from).collect(),
+                )
+            }
+        };
+        env.push((
+            "AMPERE_PORT".into(),
+            settings.addr.port().to_string().into(),
+        ));
+        env.push((
+            "AMPERE_HEARTBEAT_MS".into(),
+            cfg.worker
+                .heartbeat_interval
+                .get()
+                .as_millis()
+                .max(10)
+                .to_string()
+                .into(),
+        ));
+        Command {
+            program,
+            args,
+            env,
+            cwd: settings.app_dir.clone(),
+        }
+    }
+
+    /// Starts a process that accepts from `listener`.
+    pub fn spawn(&self, listener: BorrowedFd<'_>) -> std::io::Result<Spawned> {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+        let listen_fd = listener.as_raw_fd();
+        let control_fd = theirs.as_raw_fd();
+        let parent = std::process::id();
+
+        let mut cmd = tokio::process::Command::new(&self.program);
+        cmd.args(&self.args)
+            .env_clear()
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .env("AMPERE_LISTEN_FD", listen_fd.to_string())
+            .env("AMPERE_CONTROL_FD", control_fd.to_string())
+            .current_dir(&self.cwd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // Its own process group: a terminal's Ctrl-C reaches only the
+            // supervisor, which stops workers in order; and stopping a
+            // worker's group also stops what the app itself started.
+            .process_group(0);
+        // SAFETY: the hook runs in the child between fork and exec, where
+        // only async-signal-safe calls are allowed; prctl, getppid and fcntl
+        // are. It captures only plain integers.
+        unsafe {
+            cmd.pre_exec(move || {
+                // Die with the supervisor. PDEATHSIG fires when the forking
+                // thread exits; the supervisor forks from its main thread,
+                // which lives as long as the process.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The supervisor may have died before prctl took effect.
+                if libc::getppid() as u32 != parent {
+                    return Err(std::io::Error::other("supervisor exited"));
+                }
+                // Both descriptors are close-on-exec in the supervisor (so no
+                // other child gets them); clear the flag in this child only.
+                for fd in [listen_fd, control_fd] {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn()?;
+        drop(theirs);
+        ours.set_nonblocking(true)?;
+        Ok(Spawned {
+            child,
+            control: tokio::net::UnixStream::from_std(ours)?,
+        })
+    }
+
+    pub fn program(&self) -> &Path {
+        &self.program
+    }
+}
+
+/// Sends `signal` to the process group led by `pid` (a worker's group).
+pub fn kill_group(pid: u32, signal: Signal) {
+    if let Ok(pid) = i32::try_from(pid)
+        && pid > 0
+    {
+        let _ = nix::sys::signal::killpg(Pid::from_raw(pid), signal);
+    }
+}
