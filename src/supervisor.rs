@@ -235,14 +235,9 @@ impl Supervisor {
             }
         });
         let tail = w.stderr_tail();
-        let last_words: Vec<&String> = tail
-            .iter()
-            .rev()
-            .take(5)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect();
+        let cause = last_error_line(&tail)
+            .map(|l| format!(": {l}"))
+            .unwrap_or_default();
         error!(
             service = &*self.service,
             worker = index,
@@ -251,8 +246,8 @@ impl Supervisor {
             uptime_ms = w.started.elapsed().as_millis() as u64,
             failures = slot.failures,
             restart_in_ms = delay.as_millis() as u64,
-            stderr = last_words.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n"),
-            "worker {reason}; failure {} in a row, restarting in {}",
+            stderr = tail.join("\n"),
+            "worker {reason}{cause}; failure {} in a row, restarting in {}",
             slot.failures,
             humantime::format_duration(Duration::from_millis(delay.as_millis() as u64)),
         );
@@ -421,6 +416,17 @@ fn backoff(settings: &Settings, failures: u32) -> Duration {
     }
     let factor = 1u32 << (failures - 2).min(20);
     r.delay.get().saturating_mul(factor).min(r.max_delay.get())
+}
+
+/// The line of a crashed worker's stderr that most likely says why: the last
+/// one that is not part of a stack trace or node's closing version banner.
+fn last_error_line(tail: &[String]) -> Option<&str> {
+    tail.iter().rev().map(|l| l.trim_end()).find(|l| {
+        !l.is_empty()
+            && !l.trim_start().starts_with("at ")
+            && !l.starts_with("Node.js v")
+            && l.trim() != "^"
+    })
 }
 
 async fn sleep_until(t: Option<Instant>) {

@@ -1,0 +1,407 @@
+//! Test harness: starts the real `ampere` binary on a fixture app and a free
+//! port, collects its log stream, waits for conditions with deadlines, talks
+//! HTTP/1.1 over real sockets, and cleans up every process it started.
+//!
+//! The HTTP client is a few lines over `TcpStream` on purpose: the tests need
+//! to know at which stage a request failed (connect, write, read), which
+//! general-purpose clients hide.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+pub const AMPERE: &str = env!("CARGO_BIN_EXE_ampere");
+
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `cond` until it holds or `limit` passes; panics with `what`.
+pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The log stream of a running ampere, one parsed JSON object per line.
+#[derive(Clone, Default)]
+pub struct LogLines(Arc<(Mutex<Vec<serde_json::Value>>, Condvar)>);
+
+impl LogLines {
+    pub fn all(&self) -> Vec<serde_json::Value> {
+        self.0.0.lock().unwrap().clone()
+    }
+
+    /// Waits for a line that satisfies `pred` and returns it.
+    pub fn wait_for(
+        &self,
+        limit: Duration,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + limit;
+        let (lock, cvar) = &*self.0;
+        let mut lines = lock.lock().unwrap();
+        loop {
+            if let Some(line) = lines.iter().find(|l| pred(l)) {
+                return line.clone();
+            }
+            let now = Instant::now();
+            assert!(
+                now < deadline,
+                "timed out waiting for log line: {what}\nlog so far:\n{}",
+                lines
+                    .iter()
+                    .map(|l| l.to_string())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+            lines = cvar.wait_timeout(lines, deadline - now).unwrap().0;
+        }
+    }
+
+    pub fn count(&self, pred: impl Fn(&serde_json::Value) -> bool) -> usize {
+        self.0.0.lock().unwrap().iter().filter(|l| pred(l)).count()
+    }
+
+    fn push(&self, v: serde_json::Value) {
+        let (lock, cvar) = &*self.0;
+        lock.lock().unwrap().push(v);
+        cvar.notify_all();
+    }
+}
+
+pub fn msg_is(line: &serde_json::Value, msg: &str) -> bool {
+    line["msg"].as_str().is_some_and(|m| m.starts_with(msg))
+}
+
+/// A running `ampere start`.
+pub struct Ampere {
+    pub child: Child,
+    pub port: u16,
+    pub logs: LogLines,
+    pub stderr: Arc<Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Ampere {
+    /// Starts `ampere start <dir> --port <free> --host 127.0.0.1 <extra...>`.
+    pub fn start(dir: &Path, extra: &[&str]) -> Ampere {
+        let port = free_port();
+        let mut cmd = Command::new(AMPERE);
+        cmd.arg("start")
+            .arg(dir)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(extra);
+        Self::spawn(cmd, port)
+    }
+
+    pub fn spawn(mut cmd: Command, port: u16) -> Ampere {
+        cmd.env("NEXT_TELEMETRY_DISABLED", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawning ampere");
+        let logs = LogLines::default();
+        let stdout = child.stdout.take().unwrap();
+        let sink = logs.clone();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                match serde_json::from_str(&line) {
+                    Ok(v) => sink.push(v),
+                    Err(_) => sink.push(serde_json::json!({ "unparsed": line })),
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut err = child.stderr.take().unwrap();
+        let err_sink = stderr.clone();
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s);
+            err_sink.lock().unwrap().push_str(&s);
+        });
+        Ampere {
+            child,
+            port,
+            logs,
+            stderr,
+            reader: Some(reader),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))
+    }
+
+    /// Waits until `n` workers have reported ready; returns their pids.
+    pub fn wait_ready(&mut self, n: usize, limit: Duration) -> Vec<u32> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let pids: Vec<u32> = self
+                .logs
+                .all()
+                .iter()
+                .filter(|l| msg_is(l, "worker ready"))
+                .filter_map(|l| l["worker_pid"].as_u64().map(|p| p as u32))
+                .collect();
+            if pids.len() >= n {
+                return pids;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "ampere exited with {status} before {n} workers were ready\nstderr: {}\nlog: {:#?}",
+                    self.stderr.lock().unwrap(),
+                    self.logs.all()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {n} ready workers; log: {:#?}",
+                self.logs.all()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn signal(&self, sig: Signal) {
+        signal(self.child.id(), sig);
+    }
+
+    /// Waits for ampere to exit and returns its exit code.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                if let Some(r) = self.reader.take() {
+                    let _ = r.join();
+                }
+                return status.code();
+            }
+            assert!(Instant::now() < deadline, "ampere did not exit in time");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Ampere {
+    fn drop(&mut self) {
+        // Workers die with the supervisor (PR_SET_PDEATHSIG).
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub use nix::sys::signal::Signal;
+
+pub fn signal(pid: u32, sig: Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).unwrap();
+}
+
+/// Is a process alive (and not a zombie)?
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(") ")
+            .next()
+            .is_some_and(|r| r.starts_with('Z') || r.starts_with('X')),
+        Err(_) => false,
+    }
+}
+
+/// Children of `pid`, from /proc.
+pub fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(p) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat"))
+            && let Some(rest) = stat.rsplit(") ").next()
+            && rest.split(' ').nth(1).and_then(|pp| pp.parse::<u32>().ok()) == Some(pid)
+        {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.header("x-worker-pid")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no x-worker-pid in {self:?}"))
+    }
+}
+
+/// At which stage a request failed.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// The connection was never established (refused, timed out).
+    Connect(String),
+    /// Established, then broken before a complete response.
+    AfterConnect(String),
+}
+
+/// One GET on a new connection with `Connection: close`.
+pub fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Response, Failure> {
+    let mut stream =
+        TcpStream::connect_timeout(&addr, timeout).map_err(|e| Failure::Connect(e.to_string()))?;
+    request(&mut stream, path, false, timeout)
+}
+
+/// Sends one GET on `stream` and reads the response.
+pub fn request(
+    stream: &mut TcpStream,
+    path: &str,
+    keep_alive: bool,
+    timeout: Duration,
+) -> Result<Response, Failure> {
+    let broken = |e: std::io::Error| Failure::AfterConnect(e.to_string());
+    stream.set_read_timeout(Some(timeout)).map_err(broken)?;
+    let conn = if keep_alive { "keep-alive" } else { "close" };
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: {conn}\r\n\r\n"
+    )
+    .map_err(broken)?;
+    read_response(stream).map_err(broken)
+}
+
+fn read_response(stream: &mut TcpStream) -> std::io::Result<Response> {
+    let mut reader = BufReader::new(stream);
+    let mut status_line = String::new();
+    if reader.read_line(&mut status_line)? == 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "closed before a response",
+        ));
+    }
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line {status_line:?}")))?;
+    let mut headers = Vec::new();
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':') {
+            headers.push((k.trim().to_owned(), v.trim().to_owned()));
+        }
+    }
+    let find = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _): &&(String, String)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+    };
+    let body = if let Some(len) = find("content-length").and_then(|l| l.parse::<usize>().ok()) {
+        let mut buf = vec![0; len];
+        reader.read_exact(&mut buf)?;
+        buf
+    } else if find("transfer-encoding").is_some_and(|t| t.eq_ignore_ascii_case("chunked")) {
+        let mut body = Vec::new();
+        loop {
+            let mut size = String::new();
+            reader.read_line(&mut size)?;
+            let n = usize::from_str_radix(size.trim(), 16).map_err(std::io::Error::other)?;
+            let mut chunk = vec![0; n + 2];
+            reader.read_exact(&mut chunk)?;
+            if n == 0 {
+                break;
+            }
+            body.extend_from_slice(&chunk[..n]);
+        }
+        body
+    } else {
+        let mut buf = Vec::new();
+        reader.read_to_end(&mut buf)?;
+        buf
+    };
+    Ok(Response {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+/// Makes sure a fixture's npm packages (and, for Next.js, its production
+/// build) exist; `.ci/run` prepares them up front, this covers a bare
+/// `cargo test` after a fresh clone.
+pub fn prepare_fixture(name: &str) -> PathBuf {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = fixture(name);
+    let run = |args: &[&str]| {
+        let status = Command::new(args[0])
+            .args(&args[1..])
+            .current_dir(&dir)
+            .env("NEXT_TELEMETRY_DISABLED", "1")
+            .stdout(Stdio::null())
+            .status()
+            .unwrap_or_else(|e| panic!("running {args:?} in {}: {e}", dir.display()));
+        assert!(status.success(), "{args:?} failed in {}", dir.display());
+    };
+    if dir.join("package-lock.json").is_file() && !dir.join("node_modules").is_dir() {
+        run(&["npm", "ci", "--no-audit", "--no-fund"]);
+    }
+    if name == "next" && !dir.join(".next/BUILD_ID").is_file() {
+        run(&["npx", "next", "build"]);
+    }
+    dir
+}
+
+/// Sends `n` requests, each on a new connection, and returns the answering
+/// pids; every request must succeed with 200.
+pub fn pids_of_requests(addr: SocketAddr, path: &str, n: usize) -> Vec<u32> {
+    (0..n)
+        .map(|i| {
+            let r = get(addr, path, Duration::from_secs(10))
+                .unwrap_or_else(|e| panic!("request {i} failed: {e:?}"));
+            assert_eq!(r.status, 200, "request {i}: {r:?}");
+            r.pid()
+        })
+        .collect()
+}

@@ -1,0 +1,142 @@
+//! Restarts: a killed worker's slot keeps its socket, so connections queued
+//! on it are answered by the replacement; crash loops back off and say why.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+
+const READY: Duration = Duration::from_secs(30);
+
+#[test]
+fn connections_queued_on_a_killed_worker_are_answered_by_its_replacement() {
+    let mut ampere = Ampere::start(&fixture("hello"), &["--workers", "2"]);
+    let before: HashSet<u32> = ampere.wait_ready(2, READY).into_iter().collect();
+    let addr = ampere.addr();
+
+    // A steady stream of requests on new connections, one at a time.
+    let stop = Arc::new(AtomicBool::new(false));
+    let results = Arc::new(Mutex::new(Vec::new()));
+    let load = {
+        let (stop, results) = (stop.clone(), results.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let r = get(addr, "/", Duration::from_secs(10));
+                results.lock().unwrap().push(r.map(|r| (r.status, r.pid())));
+            }
+        })
+    };
+    wait_until(READY, "load to start", || {
+        results.lock().unwrap().len() >= 20
+    });
+
+    let victim = *before.iter().next().unwrap();
+    signal(victim, Signal::SIGKILL);
+    // A burst right after the kill: the connections hashed to the dead
+    // worker's slot wait in its accept queue until the replacement takes
+    // them (the first restart is immediate, node needs ~100 ms to start).
+    let burst: Vec<_> = (0..40)
+        .map(|_| std::thread::spawn(move || get(addr, "/", Duration::from_secs(10))))
+        .collect();
+    let burst: Vec<_> = burst.into_iter().map(|t| t.join().unwrap()).collect();
+
+    let replacement = ampere
+        .logs
+        .wait_for(READY, "the replacement to be ready", |l| {
+            msg_is(l, "worker ready")
+                && !before.contains(&(l["worker_pid"].as_u64().unwrap() as u32))
+        })["worker_pid"]
+        .as_u64()
+        .unwrap() as u32;
+    wait_until(READY, "more load after the replacement", || {
+        results
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|r| matches!(r, Ok((_, pid)) if *pid == replacement))
+    });
+    stop.store(true, Ordering::Relaxed);
+    load.join().unwrap();
+
+    for (i, r) in burst.iter().enumerate() {
+        let r = r
+            .as_ref()
+            .unwrap_or_else(|e| panic!("burst request {i} failed: {e:?}"));
+        assert_eq!(r.status, 200);
+    }
+    let by_replacement = burst
+        .iter()
+        .filter(|r| r.as_ref().is_ok_and(|r| r.pid() == replacement))
+        .count();
+    assert!(
+        by_replacement > 0,
+        "no queued connection was answered by the replacement"
+    );
+    // The sequential stream has at most one request in flight in the killed
+    // process; everything else must succeed.
+    let results = results.lock().unwrap();
+    let failed: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
+    assert!(
+        failed.len() <= 1,
+        "{} of {} requests failed: {failed:?}",
+        failed.len(),
+        results.len()
+    );
+}
+
+#[test]
+fn crash_loop_backs_off_and_says_why() {
+    let mut ampere = Ampere::start(&fixture("crash"), &[]);
+    let crashes = |logs: &LogLines| {
+        logs.all()
+            .into_iter()
+            .filter(|l| l["level"] == 50 && l["failures"].is_u64())
+            .collect::<Vec<_>>()
+    };
+    wait_until(READY, "6 crashes", || crashes(&ampere.logs).len() >= 6);
+    let crashes = crashes(&ampere.logs);
+    let delays: Vec<u64> = crashes
+        .iter()
+        .map(|l| l["restart_in_ms"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        &delays[..6],
+        &[0, 50, 100, 200, 400, 400],
+        "backoff: {delays:?}"
+    );
+    let last = &crashes[5];
+    let msg = last["msg"].as_str().unwrap();
+    assert!(msg.contains("exited before listening"), "{last}");
+    assert!(
+        msg.contains("Error: cannot connect to database at db:5432"),
+        "the log should say why: {last}"
+    );
+    assert!(
+        ampere.child.try_wait().unwrap().is_none(),
+        "the supervisor must stay up"
+    );
+}
+
+#[test]
+fn a_worker_that_never_listens_is_killed_after_the_start_timeout() {
+    let mut ampere = Ampere::start(&fixture("silent"), &["--workers", "1"]);
+    let line = ampere.logs.wait_for(READY, "a start timeout", |l| {
+        l["failures"].is_u64()
+            && l["msg"]
+                .as_str()
+                .is_some_and(|m| m.contains("did not listen on port"))
+    });
+    assert!(
+        line["msg"].as_str().unwrap().contains("within 300ms"),
+        "{line}"
+    );
+    // And it is started again.
+    wait_until(READY, "a second start", || {
+        ampere.logs.count(|l| msg_is(l, "worker starting")) >= 2
+    });
+    assert!(ampere.child.try_wait().unwrap().is_none());
+}

@@ -1,0 +1,185 @@
+//! Graceful shutdown: on SIGTERM the kernel stops completing new handshakes,
+//! workers take what is queued, finish in-flight requests (with
+//! `Connection: close`), close idle keep-alive connections and exit; ampere
+//! exits 0 and leaves no process behind. Workers never outlive ampere.
+
+mod common;
+
+use std::io::Read;
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+
+const READY: Duration = Duration::from_secs(30);
+
+fn config_with(body: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ampere.toml");
+    let text = format!(
+        "[app]\ndir = {:?}\n{body}",
+        fixture("hello").display().to_string()
+    );
+    std::fs::write(&path, text).unwrap();
+    (dir, path)
+}
+
+#[test]
+fn sigterm_under_load_completes_every_accepted_request() {
+    let mut ampere = Ampere::start(&fixture("hello"), &["--workers", "2"]);
+    let workers = ampere.wait_ready(2, READY);
+    let addr = ampere.addr();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let clients: Vec<_> = (0..8)
+        .map(|i| {
+            let (stop, ok, failures) = (stop.clone(), ok.clone(), failures.clone());
+            std::thread::spawn(move || {
+                let path = if i % 4 == 0 { "/" } else { "/slow?ms=40" };
+                while !stop.load(Ordering::Relaxed) {
+                    match get(addr, path, Duration::from_secs(10)) {
+                        Ok(r) if r.status == 200 => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(r) => failures
+                            .lock()
+                            .unwrap()
+                            .push(format!("status {}", r.status)),
+                        // Never established: not accepted, so allowed. Once
+                        // ampere is gone every connect fails this way.
+                        Err(Failure::Connect(_)) => {
+                            if stop.load(Ordering::Relaxed) {
+                                break;
+                            }
+                        }
+                        Err(e @ Failure::AfterConnect(_)) => {
+                            failures.lock().unwrap().push(format!("{e:?}"))
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    wait_until(READY, "steady load", || ok.load(Ordering::Relaxed) >= 100);
+    let before = ok.load(Ordering::Relaxed);
+
+    ampere.signal(Signal::SIGTERM);
+    let code = ampere.wait_exit(Duration::from_secs(30));
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+    assert_eq!(code, Some(0), "ampere should exit 0");
+    let failures = failures.lock().unwrap();
+    assert!(
+        failures.is_empty(),
+        "accepted requests failed: {failures:?}"
+    );
+    assert!(
+        ok.load(Ordering::Relaxed) > before,
+        "requests in flight at SIGTERM completed"
+    );
+    for pid in workers {
+        assert!(!alive(pid), "worker {pid} outlived ampere");
+    }
+    assert!(ampere.logs.count(|l| msg_is(l, "stopped")) == 1);
+}
+
+#[test]
+fn in_flight_responses_get_connection_close_and_idle_connections_are_closed() {
+    let mut ampere = Ampere::start(&fixture("hello"), &["--workers", "1"]);
+    ampere.wait_ready(1, READY);
+    let addr = ampere.addr();
+
+    let mut idle = TcpStream::connect(addr).unwrap();
+    let r = request(&mut idle, "/", true, Duration::from_secs(10)).unwrap();
+    assert_eq!(r.status, 200);
+    assert_ne!(r.header("connection"), Some("close"));
+
+    let busy = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        request(&mut s, "/slow?ms=1500", true, Duration::from_secs(10))
+    });
+    wait_until(READY, "the slow request to be in flight", || {
+        // The probe itself and the slow request.
+        get(addr, "/", Duration::from_secs(5)).is_ok_and(|r| r.body.contains("\"inflight\":2"))
+    });
+    ampere.signal(Signal::SIGTERM);
+
+    // The idle keep-alive connection is closed by the server: EOF.
+    idle.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = [0u8; 1];
+    assert_eq!(
+        idle.read(&mut buf).unwrap_or(0),
+        0,
+        "idle keep-alive connection should be closed"
+    );
+
+    let r = busy
+        .join()
+        .unwrap()
+        .expect("the in-flight request completes");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("connection"), Some("close"), "{r:?}");
+    assert_eq!(ampere.wait_exit(Duration::from_secs(30)), Some(0));
+}
+
+#[test]
+fn workers_still_busy_after_the_timeout_are_killed() {
+    let (_dir, config) = config_with("[server]\nworkers = 1\n[shutdown]\ntimeout = \"300ms\"\n");
+    let mut ampere = Ampere::start(&fixture("hello"), &["--config", config.to_str().unwrap()]);
+    let workers = ampere.wait_ready(1, READY);
+    let addr = ampere.addr();
+    let stuck = std::thread::spawn(move || get(addr, "/slow?ms=60000", Duration::from_secs(90)));
+    wait_until(READY, "the request to be in flight", || {
+        get(addr, "/", Duration::from_secs(5)).is_ok_and(|r| r.body.contains("\"inflight\":2"))
+    });
+    ampere.signal(Signal::SIGTERM);
+    assert_eq!(ampere.wait_exit(Duration::from_secs(30)), Some(0));
+    ampere.logs.wait_for(READY, "the kill", |l| {
+        msg_is(l, "workers still running after the shutdown timeout")
+    });
+    assert!(!alive(workers[0]));
+    assert!(
+        stuck.join().unwrap().is_err(),
+        "the stuck request was cut off"
+    );
+}
+
+#[test]
+fn a_second_signal_stops_at_once() {
+    let (_dir, config) = config_with("[server]\nworkers = 1\n[shutdown]\ntimeout = \"10m\"\n");
+    let mut ampere = Ampere::start(&fixture("hello"), &["--config", config.to_str().unwrap()]);
+    let workers = ampere.wait_ready(1, READY);
+    let addr = ampere.addr();
+    let _stuck = std::thread::spawn(move || get(addr, "/slow?ms=60000", Duration::from_secs(90)));
+    wait_until(READY, "the request to be in flight", || {
+        get(addr, "/", Duration::from_secs(5)).is_ok_and(|r| r.body.contains("\"inflight\":2"))
+    });
+    ampere.signal(Signal::SIGINT);
+    ampere
+        .logs
+        .wait_for(READY, "shutdown to start", |l| msg_is(l, "shutting down"));
+    ampere.signal(Signal::SIGINT);
+    // Without the second signal this would wait for the 60 s request.
+    assert_eq!(ampere.wait_exit(Duration::from_secs(30)), Some(130));
+    assert!(!alive(workers[0]));
+}
+
+#[test]
+fn workers_die_with_the_supervisor() {
+    let mut ampere = Ampere::start(&fixture("hello"), &["--workers", "2"]);
+    let workers = ampere.wait_ready(2, READY);
+    ampere.signal(Signal::SIGKILL);
+    ampere.wait_exit(Duration::from_secs(10));
+    wait_until(
+        Duration::from_secs(10),
+        "workers to die with ampere",
+        || workers.iter().all(|pid| !alive(*pid)),
+    );
+}
