@@ -92,17 +92,6 @@ impl Error {
         }
     }
 
-    /// Adds or replaces the hint of a config or app error.
-    pub fn with_hint(mut self, text: impl Into<String>) -> Self {
-        match &mut self {
-            Error::Config { hint, .. } | Error::App { hint, .. } | Error::Bind { hint, .. } => {
-                *hint = Some(text.into())
-            }
-            Error::Flag { .. } | Error::Io { .. } => {}
-        }
-        self
-    }
-
     /// What the user can do about it, if we know.
     pub fn hint(&self) -> Option<&str> {
         match self {

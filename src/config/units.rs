@@ -33,7 +33,20 @@ impl fmt::Display for Duration {
 
 impl<'de> Deserialize<'de> for Duration {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = interpolate::expand_for_serde::<D>(&String::deserialize(d)?)?;
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(f64),
+            Text(String),
+        }
+        let text = match Raw::deserialize(d)? {
+            Raw::Text(t) => interpolate::expand_for_serde::<D>(&t)?,
+            Raw::Number(n) => {
+                return Err(serde::de::Error::custom(format!(
+                    "a duration needs a unit: write \"{n}s\" or \"{n}ms\""
+                )));
+            }
+        };
         humantime::parse_duration(text.trim())
             .map(Duration)
             .map_err(|e| {

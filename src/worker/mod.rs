@@ -32,16 +32,6 @@ pub enum State {
     Draining,
 }
 
-impl State {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            State::Starting => "starting",
-            State::Ready => "ready",
-            State::Draining => "draining",
-        }
-    }
-}
-
 /// What a worker's tasks tell the supervisor.
 #[derive(Debug)]
 pub enum Event {
@@ -62,7 +52,6 @@ pub struct WorkerEvent {
 
 /// A running worker process.
 pub struct Worker {
-    pub slot: usize,
     pub id: u64,
     pub pid: u32,
     pub state: State,
@@ -164,7 +153,6 @@ impl Worker {
         });
 
         Ok(Worker {
-            slot,
             id,
             pid,
             state: State::Starting,

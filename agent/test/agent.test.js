@@ -1,0 +1,169 @@
+'use strict';
+// Tests of the agent under node's own test runner, without the supervisor:
+// the test plays the supervisor, handing a listening socket and a control
+// channel to a child node process that preloads the agent.
+
+const test = require('node:test');
+const assert = require('node:assert');
+const { spawn } = require('node:child_process');
+const net = require('node:net');
+const http = require('node:http');
+const path = require('node:path');
+const { once } = require('node:events');
+
+const AGENT = path.join(__dirname, '..', 'agent.js');
+const { portOf } = require(AGENT);
+
+test('portOf reads every form of listen()', () => {
+  assert.strictEqual(portOf([3000]), 3000);
+  assert.strictEqual(portOf(['3000', '0.0.0.0']), 3000);
+  assert.strictEqual(portOf([{ port: 3000, host: '::' }]), 3000);
+  assert.strictEqual(portOf([{ port: '8080' }]), 8080);
+  assert.strictEqual(portOf([() => {}]), 0);
+  assert.strictEqual(portOf([]), 0);
+  assert.strictEqual(portOf(['/tmp/app.sock']), undefined);
+  assert.strictEqual(portOf([{ path: '/tmp/app.sock' }]), undefined);
+  assert.strictEqual(portOf([{ fd: 3 }]), undefined);
+});
+
+// Starts `script` (JS source) in a child that preloads the agent, with a
+// listening socket on a free port as fd 3 and a control channel as fd 4.
+async function startWorker(script) {
+  const listener = net.createServer();
+  listener.listen(0, '127.0.0.1');
+  await once(listener, 'listening');
+  const port = listener.address().port;
+  const child = spawn(process.execPath, ['--require', AGENT, '-e', script], {
+    stdio: ['ignore', 'inherit', 'inherit', listener._handle.fd, 'pipe'],
+    env: { ...process.env, AMPERE_LISTEN_FD: '3', AMPERE_CONTROL_FD: '4', AMPERE_PORT: String(port), PORT: String(port), AMPERE_HEARTBEAT_MS: '50' },
+  });
+  // The child holds the socket now; the test process must not accept on it.
+  listener.close();
+  const control = child.stdio[4];
+  control.setEncoding('utf8');
+  const messages = [];
+  const waiters = [];
+  let pending = '';
+  control.on('data', (chunk) => {
+    pending += chunk;
+    let nl;
+    while ((nl = pending.indexOf('\n')) >= 0) {
+      const msg = JSON.parse(pending.slice(0, nl));
+      pending = pending.slice(nl + 1);
+      messages.push(msg);
+      for (const w of waiters.splice(0)) w();
+    }
+  });
+  const next = async (type) => {
+    for (;;) {
+      const i = messages.findIndex((m) => m.type === type);
+      if (i >= 0) return messages.splice(i, 1)[0];
+      await new Promise((resolve) => waiters.push(resolve));
+    }
+  };
+  return { child, port, control, next, send: (m) => control.write(JSON.stringify(m) + '\n') };
+}
+
+function get(port, path = '/') {
+  return new Promise((resolve, reject) => {
+    http.get({ host: '127.0.0.1', port, path, agent: false }, (res) => {
+      let body = '';
+      res.on('data', (c) => (body += c));
+      res.on('end', () => resolve({ status: res.statusCode, headers: res.headers, body }));
+    }).on('error', reject);
+  });
+}
+
+const APP = `
+  const http = require('node:http');
+  http.createServer((req, res) => {
+    setTimeout(() => res.end(String(process.pid)), req.url === '/slow' ? 300 : 0);
+  }).listen(process.env.PORT, () => {});
+`;
+
+test('the app listen() on the service port adopts the inherited socket', async () => {
+  const w = await startWorker(APP);
+  try {
+    const ready = await w.next('listening');
+    assert.strictEqual(ready.port, w.port);
+    const res = await get(w.port);
+    assert.strictEqual(res.status, 200);
+    assert.strictEqual(Number(res.body), w.child.pid);
+    const hb = await w.next('heartbeat');
+    for (const key of ['elu', 'delay_p99_ms', 'heap_used', 'heap_limit', 'rss', 'inflight', 'requests']) {
+      assert.strictEqual(typeof hb[key], 'number', key);
+    }
+  } finally {
+    w.child.kill('SIGKILL');
+  }
+});
+
+test('drain finishes in-flight requests with Connection: close, then reports drained', async () => {
+  const w = await startWorker(APP);
+  try {
+    await w.next('listening');
+    const slow = get(w.port, '/slow');
+    // Wait until the request is in flight (the heartbeat says so).
+    for (;;) {
+      const hb = await w.next('heartbeat');
+      if (hb.inflight === 1) break;
+    }
+    w.send({ type: 'drain' });
+    const res = await slow;
+    assert.strictEqual(res.status, 200);
+    assert.strictEqual(res.headers.connection, 'close');
+    await w.next('drained');
+  } finally {
+    w.child.kill('SIGKILL');
+  }
+});
+
+async function freePort() {
+  const s = net.createServer().listen(0, '127.0.0.1');
+  await once(s, 'listening');
+  const { port } = s.address();
+  s.close();
+  return port;
+}
+
+test('other listen() calls are left alone and reported', async () => {
+  const otherPort = await freePort();
+  const w = await startWorker(`
+    require('node:net').createServer((c) => c.end('other')).listen(${otherPort}, '127.0.0.1');
+    ${APP}
+  `);
+  try {
+    await w.next('listening');
+    const other = await w.next('listen_other');
+    assert.strictEqual(other.port, otherPort);
+    const reply = await new Promise((resolve) => {
+      let data = '';
+      net.connect(otherPort, '127.0.0.1').on('data', (c) => (data += c)).on('end', () => resolve(data));
+    });
+    assert.strictEqual(reply, 'other');
+  } finally {
+    w.child.kill('SIGKILL');
+  }
+});
+
+test('the worker exits when the supervisor goes away', async () => {
+  const w = await startWorker(APP);
+  await w.next('listening');
+  const exited = once(w.child, 'exit');
+  w.control.destroy();
+  const [code] = await exited;
+  assert.strictEqual(code, 1);
+});
+
+test('without ampere the agent changes nothing', async () => {
+  const child = spawn(process.execPath, ['--require', AGENT, '-e', `
+    const net = require('node:net');
+    const pristine = net.Server.prototype.listen.toString().includes('[native code]') ||
+      !net.Server.prototype.listen.toString().includes('LISTEN_FD');
+    process.stdout.write(String(pristine));
+  `], { env: { PATH: process.env.PATH }, stdio: ['ignore', 'pipe', 'inherit'] });
+  let out = '';
+  child.stdout.on('data', (c) => (out += c));
+  await once(child, 'exit');
+  assert.strictEqual(out, 'true');
+});

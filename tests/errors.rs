@@ -1,0 +1,174 @@
+//! Bad input: one `error:` line that names the problem and where, a
+//! non-zero exit, never a panic or a hang.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Runs ampere with `args` in `cwd` and returns its output; it must exit on
+/// its own.
+fn ampere(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut child = Command::new(AMPERE)
+        .args(args)
+        .current_dir(cwd)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("ampere {args:?} hung");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Asserts a failed run whose stderr starts with `error: ` and contains
+/// every one of `needles` on that first line.
+fn assert_error(out: &Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "should fail: {stderr}");
+    assert!(
+        !stderr.contains("panicked"),
+        "panic reached the user: {stderr}"
+    );
+    let first = stderr.lines().next().unwrap_or("");
+    assert!(first.starts_with("error: "), "first line: {first:?}");
+    for n in needles {
+        assert!(first.contains(n), "{first:?} should contain {n:?}");
+    }
+    let extra: Vec<&str> = stderr
+        .lines()
+        .skip(1)
+        .filter(|l| !l.starts_with("hint: "))
+        .collect();
+    assert!(
+        extra.is_empty(),
+        "only an error and a hint line expected: {stderr}"
+    );
+}
+
+fn app_with(config_name: &str, config: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("server.js"),
+        "require('http').createServer().listen(process.env.PORT)",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join(config_name), config).unwrap();
+    dir
+}
+
+#[test]
+fn invalid_toml() {
+    let dir = app_with(
+        "ampere.toml",
+        "[app]\nentry = \"server.js\"\n[server\nport = 1\n",
+    );
+    let out = ampere(dir.path(), &["start"], &[]);
+    assert_error(&out, &["ampere.toml:3:"]);
+}
+
+#[test]
+fn unknown_key() {
+    let dir = app_with(
+        "ampere.toml",
+        "[app]\nentry = \"server.js\"\n\n[server]\nworkerz = 2\n",
+    );
+    let out = ampere(dir.path(), &["start"], &[]);
+    assert_error(&out, &["ampere.toml:5:1", "unknown field `workerz`"]);
+}
+
+#[test]
+fn unknown_key_in_json() {
+    let dir = app_with(
+        "ampere.json",
+        "{\n  \"app\": { \"entry\": \"server.js\" },\n  \"servr\": {}\n}\n",
+    );
+    let out = ampere(dir.path(), &["config", "check"], &[]);
+    assert_error(&out, &["ampere.json:3:", "unknown field `servr`"]);
+}
+
+#[test]
+fn missing_app_directory() {
+    let out = ampere(Path::new("."), &["start", "/nonexistent/app"], &[]);
+    assert_error(&out, &["app directory /nonexistent/app does not exist"]);
+}
+
+#[test]
+fn missing_entry_file() {
+    let dir = app_with("ampere.toml", "[app]\nentry = \"main.js\"\n");
+    let out = ampere(dir.path(), &["start"], &[]);
+    assert_error(&out, &["entry file main.js not found"]);
+}
+
+#[test]
+fn app_that_cannot_be_detected() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("package.json"),
+        r#"{"scripts":{"start":"tsx server.ts"}}"#,
+    )
+    .unwrap();
+    let out = ampere(dir.path(), &["start"], &[]);
+    assert_error(&out, &["cannot tell how to start the app", "tsx server.ts"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("hint: set the script to run in ampere.toml")
+    );
+}
+
+#[test]
+fn port_already_in_use() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let out = ampere(
+        &fixture("hello"),
+        &["start", "--host", "127.0.0.1", "--port", &port],
+        &[],
+    );
+    assert_error(&out, &[&format!("127.0.0.1:{port}"), "already in use"]);
+}
+
+#[test]
+fn no_node_executable() {
+    let out = ampere(&fixture("hello"), &["start"], &[("PATH", "/nonexistent")]);
+    assert_error(&out, &["no `node` executable found on PATH"]);
+    let dir = app_with(
+        "ampere.toml",
+        "[app]\nentry = \"server.js\"\n[node]\nexecutable = \"/opt/none/node\"\n",
+    );
+    let out = ampere(dir.path(), &["start"], &[]);
+    assert_error(&out, &["/opt/none/node does not exist"]);
+}
+
+#[test]
+fn missing_environment_variable_without_default() {
+    let dir = app_with(
+        "ampere.toml",
+        "[app]\nentry = \"server.js\"\n[env]\nDATABASE_URL = \"${AMPERE_TEST_UNSET_DB}\"\n",
+    );
+    let out = ampere(dir.path(), &["start"], &[]);
+    assert_error(
+        &out,
+        &["ampere.toml:4:16", "AMPERE_TEST_UNSET_DB is not set"],
+    );
+}
+
+#[test]
+fn bad_flag_values_name_the_flag() {
+    let out = ampere(&fixture("hello"), &["start", "--workers", "zero"], &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr.contains("--workers"), "{stderr}");
+    let out = ampere(&fixture("hello"), &["start", "--host", "example.com"], &[]);
+    assert_error(&out, &["--host", "not an IP address"]);
+}

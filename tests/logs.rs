@@ -1,0 +1,102 @@
+//! The log stream: worker output becomes JSON lines with service, worker and
+//! pid; pino lines pass through; long lines, partial lines and bytes that
+//! are not UTF-8 lose nothing.
+
+mod common;
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use common::*;
+
+#[test]
+fn worker_output_is_one_json_stream_and_nothing_is_lost() {
+    let mut ampere = Ampere::start(&fixture("noisy"), &["--workers", "1"]);
+    let pid = ampere.wait_ready(1, Duration::from_secs(30))[0];
+    ampere.signal(Signal::SIGTERM);
+    assert_eq!(ampere.wait_exit(Duration::from_secs(30)), Some(0));
+    let lines = ampere.logs.all();
+    assert!(
+        lines.iter().all(|l| l.get("unparsed").is_none()),
+        "every line is JSON: {lines:?}"
+    );
+    let from_worker: Vec<_> = lines.iter().filter(|l| l["pid"] == pid).collect();
+    for l in &from_worker {
+        assert_eq!(l["service"], "fixture-noisy");
+        assert_eq!(l["worker"], 0);
+    }
+
+    let pino = from_worker
+        .iter()
+        .find(|l| l["msg"] == "pino says hi")
+        .expect("pino line");
+    assert_eq!(pino["level"], 40);
+    assert_eq!(pino["custom"], 7);
+
+    let plain = from_worker
+        .iter()
+        .find(|l| l["msg"] == "a plain line")
+        .expect("plain line");
+    assert_eq!(plain["level"], 30);
+    assert_eq!(plain["stream"], "stdout");
+
+    let mut long = String::new();
+    let mut pieces = 0;
+    for l in from_worker
+        .iter()
+        .filter(|l| l["msg"].as_str().is_some_and(|m| m.starts_with('é')))
+    {
+        long.push_str(l["msg"].as_str().unwrap());
+        pieces += 1;
+        if l["partial"] != true {
+            break;
+        }
+    }
+    assert!(pieces > 1, "a 200 kB line is written in pieces");
+    assert_eq!(long, format!("{}END", "é".repeat(100000)));
+
+    let raw = from_worker
+        .iter()
+        .find(|l| l["msg_base64"].is_string())
+        .expect("non-UTF-8 line");
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(raw["msg_base64"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(bytes, [0x62, 0x61, 0xff, 0xfe, 0x64]);
+
+    let partial = from_worker
+        .iter()
+        .find(|l| l["msg"] == "last words without a newline")
+        .expect("partial last line");
+    assert_eq!(partial["level"], 50);
+    assert_eq!(partial["stream"], "stderr");
+}
+
+#[test]
+fn pretty_format_is_for_people() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ampere.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[app]\ndir = {:?}\n[logger]\nformat = \"pretty\"\n",
+            fixture("hello").display().to_string()
+        ),
+    )
+    .unwrap();
+    let mut ampere = Ampere::start(
+        &fixture("hello"),
+        &["--workers", "1", "--config", config.to_str().unwrap()],
+    );
+    let line = ampere
+        .logs
+        .wait_for(Duration::from_secs(30), "the worker's line", |l| {
+            l["unparsed"]
+                .as_str()
+                .is_some_and(|s| s.contains("fixture-hello listening"))
+        });
+    let text = line["unparsed"].as_str().unwrap();
+    assert!(text.contains(" INFO  fixture-hello[0:"), "{text}");
+    ampere.signal(Signal::SIGTERM);
+    assert_eq!(ampere.wait_exit(Duration::from_secs(30)), Some(0));
+}
