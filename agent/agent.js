@@ -61,7 +61,9 @@ function start() {
   let draining = false;
   let inflight = 0;
   let requests = 0;
-  const active = new Set();
+  const onResponseClose = () => {
+    inflight--;
+  };
 
   const origListen = net.Server.prototype.listen;
   net.Server.prototype.listen = function listen(...args) {
@@ -83,18 +85,28 @@ function start() {
       const addr = srv.address();
       send({ type: 'listening', pid: process.pid, node: process.version, address: addr && addr.address, port: addr && addr.port });
     });
-    srv.prependListener('request', onRequest);
-  }
-
-  function onRequest(req, res) {
-    inflight++;
-    requests++;
-    active.add(res);
-    if (draining) res.setHeader('connection', 'close');
-    res.once('close', () => {
-      inflight--;
-      active.delete(res);
-    });
+    // Count requests inside the app's own handler rather than beside it: a
+    // second 'request' listener would make every emit copy the listener
+    // array. `.listener` keeps removeListener(handler) working.
+    const handlers = srv.listeners('request');
+    if (handlers.length === 1) {
+      const handler = handlers[0];
+      const counted = function (req, res) {
+        inflight++;
+        requests++;
+        res.on('close', onResponseClose);
+        return handler.call(this, req, res);
+      };
+      counted.listener = handler;
+      srv.removeListener('request', handler);
+      srv.on('request', counted);
+    } else {
+      srv.prependListener('request', (req, res) => {
+        inflight++;
+        requests++;
+        res.on('close', onResponseClose);
+      });
+    }
   }
 
   function onMessage(msg) {
@@ -108,10 +120,15 @@ function start() {
       send({ type: 'drained' });
       return;
     }
-    // Responses not yet started tell their clients to reconnect elsewhere.
-    for (const res of active) {
-      if (!res.headersSent) res.setHeader('connection', 'close');
-    }
+    // Every response whose head is not written yet, in flight now or on a
+    // keep-alive connection later, tells its client to reconnect elsewhere.
+    // Patched only now, so that serving costs nothing for it.
+    const http = require('node:http');
+    const writeHead = http.ServerResponse.prototype.writeHead;
+    http.ServerResponse.prototype.writeHead = function (...args) {
+      if (!this.headersSent) this.shouldKeepAlive = false;
+      return writeHead.apply(this, args);
+    };
     server.close(() => send({ type: 'drained' }));
     if (typeof server.closeIdleConnections === 'function') server.closeIdleConnections();
   }

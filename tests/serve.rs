@@ -79,3 +79,43 @@ fn fastify_app_unmodified() {
 fn nextjs_app_router_unmodified() {
     serves_framework("next", "/", "Products");
 }
+
+/// `listener = "shared"` (the fallback where SO_REUSEPORT does not balance):
+/// one socket, accepted from by every worker.
+#[test]
+fn shared_listener_mode_serves_from_one_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ampere.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[app]\ndir = {:?}\n[server]\nlistener = \"shared\"\n",
+            fixture("hello").display().to_string()
+        ),
+    )
+    .unwrap();
+    let mut ampere = Ampere::start(
+        &fixture("hello"),
+        &["--workers", "2", "--config", config.to_str().unwrap()],
+    );
+    let workers = ampere.wait_ready(2, READY);
+    let line = ampere
+        .logs
+        .wait_for(READY, "the start line", |l| msg_is(l, "starting"));
+    assert_eq!(line["listener"], "Shared");
+    // Concurrent requests that block a worker's event loop: while one
+    // worker is blocked, the other accepts from the one queue.
+    let addr = ampere.addr();
+    let answers: Vec<u32> = (0..10)
+        .map(|_| std::thread::spawn(move || get(addr, "/block?ms=100", Duration::from_secs(10))))
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().unwrap().expect("request").pid())
+        .collect();
+    for pid in workers {
+        assert!(
+            answers.contains(&pid),
+            "worker {pid} never accepted: {answers:?}"
+        );
+    }
+}
