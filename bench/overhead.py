@@ -134,13 +134,17 @@ class Setup:
                 p.wait()
 
 
+LOAD_PIN = []
+PIN = []  # e.g. ["taskset", "-c", "1"]: servers on CPU 1, load on CPU 0
+
+
 def start_ampere(ampere, node, port, workers):
     config = TOOLS / f"ampere-bench-{port}.toml"
     config.write_text(
         f'[app]\ndir = "{APP}"\n[node]\nexecutable = "{node}"\n[logger]\nlevel = "warn"\n'
     )
     p = subprocess.Popen(
-        [str(ampere), "start", "--config", str(config), "--host", HOST,
+        PIN + [str(ampere), "start", "--config", str(config), "--host", HOST,
          "--port", str(port), "--workers", str(workers)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
@@ -157,7 +161,7 @@ def start_bare(node, port, workers):
     preload = ROOT / "bench" / "lib" / "reuseport.js"
     procs = [
         subprocess.Popen(
-            [str(node), "--require", str(preload), str(APP / "server.js")],
+            PIN + [str(node), "--require", str(preload), str(APP / "server.js")],
             env={**os.environ, "PORT": str(port), "BENCH_HOST": HOST},
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
@@ -169,10 +173,10 @@ def start_bare(node, port, workers):
 
 
 def run_oha(oha, port, mode, duration, connections):
-    cmd = [oha, "-z", f"{duration}s", "-c", str(connections), "--no-tui",
+    cmd = LOAD_PIN + [oha, "-z", f"{duration}s", "-c", str(connections), "--no-tui",
            "--output-format", "json", f"http://{HOST}:{port}/"]
     if mode == "new-connection":
-        cmd.insert(1, "--disable-keepalive")
+        cmd.insert(len(LOAD_PIN) + 1, "--disable-keepalive")
     out = subprocess.run(cmd, check=True, capture_output=True, timeout=duration + 60)
     return json.loads(out.stdout)
 
@@ -211,7 +215,14 @@ def main():
     ap.add_argument("--modes", default="keep-alive,new-connection",
                     help="comma-separated: keep-alive, new-connection")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--pin", action="store_true",
+                    help="servers on the last CPU, the load generator on the others: "
+                         "less throughput, steadier CPU-per-request numbers")
     args = ap.parse_args()
+    if args.pin:
+        n = os.cpu_count()
+        PIN[:] = ["taskset", "-c", str(n - 1)]
+        LOAD_PIN[:] = ["taskset", "-c", f"0-{n - 2}" if n > 2 else "0"]
 
     node = ensure_node()
     oha = ensure_oha()
@@ -255,7 +266,7 @@ def main():
     meta = {
         "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, Linux {platform.release()}",
         "node": node_version, "oha": oha_version, "workers": args.workers,
-        "rounds": args.rounds, "duration_s": args.duration, "connections": args.connections,
+        "rounds": args.rounds, "pinned": args.pin, "duration_s": args.duration, "connections": args.connections,
         "loadavg_before": os.getloadavg(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
