@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::listeners::Listeners;
 use crate::supervisor::{Outcome, Supervisor};
 use crate::telemetry::logs::{self, Logs};
+use crate::telemetry::probes::{self, ProbeState};
 use crate::worker::Command;
 
 #[derive(Debug, Parser)]
@@ -55,6 +56,23 @@ struct StartArgs {
     /// (overrides server.workers).
     #[arg(long, short = 'w', value_name = "N|auto", value_parser = Workers::parse)]
     workers: Option<Workers>,
+    /// Port of the probe server (/live, /ready), or "off" (overrides
+    /// metrics.port).
+    #[arg(long, value_name = "N|off", value_parser = parse_metrics_port)]
+    metrics_port: Option<MetricsPort>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct MetricsPort(Option<u16>);
+
+fn parse_metrics_port(text: &str) -> std::result::Result<MetricsPort, String> {
+    if text.eq_ignore_ascii_case("off") {
+        return Ok(MetricsPort(None));
+    }
+    match text.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(MetricsPort(Some(p))),
+        _ => Err(format!("{text:?} is not a port (1-65535) or \"off\"")),
+    }
 }
 
 impl StartArgs {
@@ -65,6 +83,7 @@ impl StartArgs {
             host: self.host.clone(),
             port: self.port,
             workers: self.workers,
+            metrics_port: self.metrics_port.map(|p| p.0),
         }
     }
 }
@@ -89,6 +108,16 @@ fn start(args: &StartArgs) -> Result<ExitCode> {
         config.server.listener,
         config.server.backlog,
     )?;
+    let probe_listener = settings
+        .metrics_addr
+        .map(|addr| {
+            std::net::TcpListener::bind(addr).map_err(|e| Error::Bind {
+                addr: addr.to_string(),
+                reason: e.to_string(),
+                hint: Some("the probe server needs its own port: set [metrics] port, or --metrics-port N|off".into()),
+            })
+        })
+        .transpose()?;
     let runtime_dir = RuntimeDir::create()?;
     let command = Command::new(&settings, runtime_dir.agent());
 
@@ -102,8 +131,18 @@ fn start(args: &StartArgs) -> Result<ExitCode> {
         .enable_all()
         .build()
         .map_err(|e| Error::io("starting the runtime", e))?;
-    let outcome =
-        runtime.block_on(Supervisor::new(settings, command, listeners, logs.clone()).run());
+    let probes = ProbeState::new();
+    let supervisor = Supervisor::new(settings, command, listeners, logs.clone(), probes.clone());
+    let outcome = runtime.block_on(async move {
+        if let Some(listener) = probe_listener {
+            tokio::spawn(async move {
+                if let Err(e) = probes::serve(listener, probes).await {
+                    tracing::error!(error = %e, "the probe server stopped");
+                }
+            });
+        }
+        supervisor.run().await
+    });
     logs.flush();
     drop(runtime_dir);
     match outcome {
@@ -132,6 +171,10 @@ fn check(args: &StartArgs) -> Result<ExitCode> {
         settings.addr,
         settings.node.display()
     );
+    match settings.metrics_addr {
+        Some(addr) => println!("# probes on http://{addr}/ready and /live"),
+        None => println!("# probes off"),
+    }
     let mut effective = settings.config.clone();
     effective.schema = None;
     let text = toml::to_string_pretty(&effective)

@@ -99,10 +99,88 @@ impl Listeners {
         Ok(())
     }
 
+    /// Whether [`Listeners::steer`] can pick slots: reuseport mode with more
+    /// than one socket.
+    pub fn can_steer(&self) -> bool {
+        self.mode == ListenerMode::Reuseport && self.sockets.len() > 1
+    }
+
+    /// Steers new connections over the slots by weight: a classic BPF
+    /// program on the reuseport group picks socket `i` with probability
+    /// `weights[i] / sum(weights)`. Attaching through any one member applies
+    /// to the whole group and replaces the previous program. With every
+    /// weight 0 the program returns an index past the group, and the kernel
+    /// falls back to its hash: connections then wait in the slots' queues.
+    pub fn steer(&self, weights: &[u32]) -> io::Result<()> {
+        if !self.can_steer() {
+            return Ok(());
+        }
+        let program = steering_program(weights);
+        let fprog = libc::sock_fprog {
+            len: program.len() as u16,
+            filter: program.as_ptr().cast_mut(),
+        };
+        nix::sys::socket::setsockopt(
+            &self.sockets[0],
+            nix::sys::socket::sockopt::AttachReusePortCbpf,
+            &fprog,
+        )
+        .map_err(io::Error::from)
+    }
+
     /// Connections waiting in `slot`'s accept queue.
     pub fn queued(&self, slot: usize) -> io::Result<u32> {
         accept_queue_len(self.socket(slot))
     }
+}
+
+/// `SKF_AD_OFF + SKF_AD_RANDOM`: an ancillary load of a pseudo-random u32.
+const LOAD_RANDOM: u32 = (-0x1000i32) as u32 + 56;
+
+/// The reuseport program for [`Listeners::steer`]: `A = random % total`, then
+/// a chain of `if A < cumulative[i] return i`. Socket indices are the order
+/// in which the sockets joined the group, which is slot order here, and stay
+/// stable because no socket of the group is ever closed before the end.
+fn steering_program(weights: &[u32]) -> Vec<libc::sock_filter> {
+    let total: u64 = weights.iter().map(|w| u64::from(*w)).sum();
+    let raw = |code: u32, jt: u8, jf: u8, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    };
+    if total == 0 {
+        return vec![raw(libc::BPF_RET | libc::BPF_K, 0, 0, u32::MAX)];
+    }
+    let total = u32::try_from(total).unwrap_or(u32::MAX);
+    let mut prog = vec![
+        raw(
+            libc::BPF_LD | libc::BPF_W | libc::BPF_ABS,
+            0,
+            0,
+            LOAD_RANDOM,
+        ),
+        raw(libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K, 0, 0, total),
+    ];
+    let mut cumulative = 0u32;
+    let mut last = 0u32;
+    for (i, w) in weights.iter().enumerate() {
+        if *w == 0 {
+            continue;
+        }
+        cumulative = cumulative.saturating_add(*w);
+        last = i as u32;
+        // A >= cumulative: skip the return, try the next slot.
+        prog.push(raw(
+            libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K,
+            1,
+            0,
+            cumulative,
+        ));
+        prog.push(raw(libc::BPF_RET | libc::BPF_K, 0, 0, i as u32));
+    }
+    prog.push(raw(libc::BPF_RET | libc::BPF_K, 0, 0, last));
+    prog
 }
 
 fn bpf(code: u32, jt: u8, jf: u8, k: u32) -> socket2::SockFilter {
@@ -204,6 +282,29 @@ mod tests {
             .unwrap();
         assert!(err.to_string().contains("already in use"), "{err}");
         drop(first);
+    }
+
+    #[test]
+    fn steering_sends_every_connection_to_the_weighted_slots() {
+        let addr = loopback();
+        let listeners = Listeners::bind(addr, 3, ListenerMode::Reuseport, 64).unwrap();
+        listeners.steer(&[0, 1, 0]).unwrap();
+        let conns: Vec<_> = (0..20).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        assert_eq!(listeners.queued(1).unwrap(), 20);
+        assert_eq!(
+            listeners.queued(0).unwrap() + listeners.queued(2).unwrap(),
+            0
+        );
+        drop(conns);
+        // Equal weights spread over all three.
+        listeners.steer(&[1, 1, 1]).unwrap();
+        let _conns: Vec<_> = (0..60).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        for slot in 0..3 {
+            assert!(
+                listeners.queued(slot).unwrap() >= 5,
+                "slot {slot} got too few"
+            );
+        }
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod agent;
 mod cli;
 mod config;
 mod error;
+mod health;
 mod listeners;
 mod supervisor;
 mod telemetry;

@@ -1,12 +1,16 @@
 //! The supervisor: owns the service's listening sockets and one slot per
 //! worker, starts a worker process in each slot, restarts crashed workers
-//! with backoff, and shuts down gracefully on SIGTERM / SIGINT.
+//! with backoff, replaces unhealthy ones (start the new process first, then
+//! drain or kill the old), steers new connections away from slots without a
+//! ready process, rolls restarts on SIGHUP, and shuts down gracefully on
+//! SIGTERM / SIGINT.
 //!
 //! Everything runs on one thread (a current-thread tokio runtime): the
 //! supervisor's work is small, a single thread keeps the state machine free
 //! of locks, and it makes PR_SET_PDEATHSIG reliable (children are forked
 //! from the main thread, which lives as long as the process).
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,22 +20,69 @@ use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use crate::config::Settings;
+use crate::health::{Tracker, Verdict};
 use crate::listeners::Listeners;
 use crate::telemetry::logs::Logs;
+use crate::telemetry::probes::ProbeState;
 use crate::worker::{
     self, AgentMessage, Command, Event, State, SupervisorMessage, Worker, WorkerEvent,
 };
+
+/// A worker process being replaced: its slot already has a new process.
+struct Retiring {
+    worker: Worker,
+    reason: String,
+    phase: Phase,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Until the replacement listens (and, for a suspect, until it either
+    /// recovers or turns unresponsive).
+    Waiting,
+    /// Asked to drain; killed if not gone by the deadline.
+    Draining { deadline: Instant },
+    /// SIGKILL sent; waiting for the exit.
+    Killed,
+}
 
 /// One worker position: its socket (in [`Listeners`]) outlives the processes
 /// that serve it.
 struct Slot {
     index: usize,
     worker: Option<Worker>,
+    retiring: Vec<Retiring>,
     /// Consecutive failures since the last stable run.
     failures: u32,
     restart_at: Option<Instant>,
     /// Why we killed the current worker, if we did (e.g. a start timeout).
     kill_reason: Option<String>,
+}
+
+impl Slot {
+    /// A process in this slot accepts connections: the current one is ready,
+    /// or a healthy old one still serves while its replacement starts.
+    fn accepting(&self) -> bool {
+        self.worker
+            .as_ref()
+            .is_some_and(|w| w.state == State::Ready && !w.suspect)
+            || self
+                .retiring
+                .iter()
+                .any(|r| r.worker.state == State::Ready && !r.worker.suspect)
+    }
+
+    fn processes(&self) -> impl Iterator<Item = &Worker> {
+        self.worker
+            .iter()
+            .chain(self.retiring.iter().map(|r| &r.worker))
+    }
+}
+
+/// A rolling restart in progress: slots still to replace, one at a time.
+struct Rolling {
+    pending: VecDeque<usize>,
+    current: Option<usize>,
 }
 
 pub struct Supervisor {
@@ -40,11 +91,15 @@ pub struct Supervisor {
     command: Command,
     listeners: Listeners,
     logs: Logs,
+    probes: Arc<ProbeState>,
     slots: Vec<Slot>,
     next_id: u64,
     events_tx: mpsc::UnboundedSender<WorkerEvent>,
     events: mpsc::UnboundedReceiver<WorkerEvent>,
     shutting_down: bool,
+    rolling: Option<Rolling>,
+    /// The weights last attached to the reuseport group.
+    steering: Vec<u32>,
 }
 
 /// How the run ended.
@@ -55,13 +110,28 @@ pub enum Outcome {
     Interrupted(Signal),
 }
 
+/// What to do after looking at an event, once the borrows are released.
+enum Action {
+    None,
+    Replace(Verdict),
+    SlotReady,
+    Drain,
+}
+
 impl Supervisor {
-    pub fn new(settings: Settings, command: Command, listeners: Listeners, logs: Logs) -> Self {
+    pub fn new(
+        settings: Settings,
+        command: Command,
+        listeners: Listeners,
+        logs: Logs,
+        probes: Arc<ProbeState>,
+    ) -> Self {
         let (events_tx, events) = mpsc::unbounded_channel();
         let slots = (0..settings.workers)
             .map(|index| Slot {
                 index,
                 worker: None,
+                retiring: Vec::new(),
                 failures: 0,
                 restart_at: None,
                 kill_reason: None,
@@ -69,15 +139,18 @@ impl Supervisor {
             .collect();
         Supervisor {
             service: settings.service.as_str().into(),
+            steering: vec![1; settings.workers],
             settings,
             command,
             listeners,
             logs,
+            probes,
             slots,
             next_id: 0,
             events_tx,
             events,
             shutting_down: false,
+            rolling: None,
         }
     }
 
@@ -85,6 +158,7 @@ impl Supervisor {
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut hup = signal(SignalKind::hangup())?;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
         info!(
             service = &*self.service,
             address = %self.listeners.addr(),
@@ -98,17 +172,18 @@ impl Supervisor {
         for slot in 0..self.slots.len() {
             self.spawn(slot);
         }
+        self.after_change();
         let first = loop {
             let wake = self.next_deadline();
             tokio::select! {
                 Some(ev) = self.events.recv() => self.on_event(ev),
                 _ = term.recv() => break Signal::SIGTERM,
                 _ = int.recv() => break Signal::SIGINT,
-                _ = hup.recv() => {
-                    warn!("SIGHUP received: rolling restarts are not implemented yet; ignoring it");
-                }
+                _ = hup.recv() => self.start_rolling_restart("SIGHUP"),
                 _ = sleep_until(wake) => self.on_timer(),
+                _ = tick.tick() => self.probes.tick(),
             }
+            self.after_change();
         };
         Ok(self.shutdown(first, &mut term, &mut int).await)
     }
@@ -154,58 +229,115 @@ impl Supervisor {
     }
 
     fn on_event(&mut self, ev: WorkerEvent) {
-        let service = self.service.clone();
-        let Some(slot) = self.slots.get_mut(ev.slot) else {
+        let now = Instant::now();
+        let index = ev.slot;
+        let Some(slot) = self.slots.get_mut(index) else {
             return;
         };
+        let is_current = slot.worker.as_ref().is_some_and(|w| w.id == ev.id);
+        let retiring = slot.retiring.iter().position(|r| r.worker.id == ev.id);
+        if !is_current && retiring.is_none() {
+            return;
+        }
         if let Event::Exited(status) = ev.event {
-            if let Some(w) = slot.worker.take_if(|w| w.id == ev.id) {
-                self.on_exit(ev.slot, w, status);
+            if is_current {
+                let w = slot.worker.take().expect("checked above");
+                self.on_exit(index, w, status);
+            } else if let Some(i) = retiring {
+                let r = slot.retiring.remove(i);
+                info!(
+                    service = &*self.service,
+                    worker = index,
+                    worker_pid = r.worker.pid,
+                    status = %worker::describe_exit(&status),
+                    reason = r.reason,
+                    "replaced worker stopped"
+                );
             }
             return;
         }
-        let current = slot.worker.as_mut().filter(|w| w.id == ev.id);
-        match ev.event {
-            Event::Exited(_) => {}
-            Event::Message(msg) => {
-                let Some(w) = current else { return };
-                match msg {
-                    AgentMessage::Listening { node } => {
-                        if w.state == State::Starting {
-                            w.state = State::Ready;
-                            w.ready_at = Some(Instant::now());
-                            info!(
-                                service = &*service,
-                                worker = ev.slot,
-                                worker_pid = w.pid,
-                                startup_ms = w.started.elapsed().as_millis() as u64,
-                                node = node.unwrap_or_default(),
-                                "worker ready"
-                            );
-                        }
-                    }
-                    AgentMessage::ListenOther { port } => warn!(
-                        service = &*service,
-                        worker = ev.slot,
-                        worker_pid = w.pid,
-                        port,
-                        service_port = self.listeners.addr().port(),
-                        "the app listens on port {port}, which ampere does not serve; make it listen on process.env.PORT, or set server.port = {port}"
-                    ),
-                    AgentMessage::Heartbeat(h) => w.health = Some(h),
-                    AgentMessage::Drained => {
-                        // The agent finished its connections; now the app may
-                        // run its own SIGTERM handler, or die of the default.
-                        w.signal(Signal::SIGTERM);
-                    }
-                    AgentMessage::Unknown => {}
-                }
-            }
+        let health = &self.settings.config.health;
+        let w = match retiring {
+            Some(i) => &mut slot.retiring[i].worker,
+            None => slot.worker.as_mut().expect("checked above"),
+        };
+        let action = match ev.event {
+            Event::Exited(_) => Action::None,
             Event::BadMessage(e) => {
-                if let Some(w) = current {
-                    warn!(service = &*service, worker = ev.slot, worker_pid = w.pid, error = %e, "unreadable message on the control channel");
+                warn!(service = &*self.service, worker = index, worker_pid = w.pid, error = %e, "unreadable message on the control channel");
+                Action::None
+            }
+            Event::Message(AgentMessage::Listening { node }) => {
+                if w.state == State::Starting {
+                    w.state = State::Ready;
+                    w.ready_at = Some(now);
+                    w.tracker = Tracker::new(now);
+                    info!(
+                        service = &*self.service,
+                        worker = index,
+                        worker_pid = w.pid,
+                        startup_ms = w.started.elapsed().as_millis() as u64,
+                        node = node.unwrap_or_default(),
+                        "worker ready"
+                    );
+                    Action::SlotReady
+                } else {
+                    Action::None
                 }
             }
+            Event::Message(AgentMessage::ListenOther { port }) => {
+                warn!(
+                    service = &*self.service,
+                    worker = index,
+                    worker_pid = w.pid,
+                    port,
+                    service_port = self.listeners.addr().port(),
+                    "the app listens on port {port}, which ampere does not serve; make it listen on process.env.PORT, or set server.port = {port}"
+                );
+                Action::None
+            }
+            Event::Message(AgentMessage::Heartbeat(hb)) => {
+                let verdict = w.tracker.beat(hb, health, now);
+                if w.suspect {
+                    w.suspect = false;
+                    info!(
+                        service = &*self.service,
+                        worker = index,
+                        worker_pid = w.pid,
+                        "suspect worker recovered; it will be drained"
+                    );
+                }
+                match (retiring, verdict) {
+                    (None, Some(v)) if health.enabled && w.state == State::Ready => {
+                        Action::Replace(v)
+                    }
+                    // A recovered old worker whose replacement already
+                    // listens: drain it now.
+                    (Some(i), _)
+                        if slot.retiring[i].phase == Phase::Waiting
+                            && slot
+                                .worker
+                                .as_ref()
+                                .is_some_and(|c| c.state == State::Ready) =>
+                    {
+                        Action::Drain
+                    }
+                    _ => Action::None,
+                }
+            }
+            Event::Message(AgentMessage::Drained) => {
+                // The agent finished its connections; now the app may run
+                // its own SIGTERM handler, or die of the default.
+                w.signal(Signal::SIGTERM);
+                Action::None
+            }
+            Event::Message(AgentMessage::Unknown) => Action::None,
+        };
+        match action {
+            Action::None => {}
+            Action::Replace(v) => self.replace(index, &v),
+            Action::SlotReady => self.retire_old(index),
+            Action::Drain => self.retire_old(index),
         }
     }
 
@@ -254,9 +386,85 @@ impl Supervisor {
         slot.restart_at = Some(Instant::now() + delay);
     }
 
+    /// Starts a new process in `index`'s slot; the current one retires and
+    /// is drained or killed once the new one listens.
+    fn replace(&mut self, index: usize, verdict: &Verdict) {
+        let slot = &mut self.slots[index];
+        let Some(mut old) = slot.worker.take() else {
+            return;
+        };
+        let reason = verdict.reason();
+        let hb = old.tracker.last.clone().unwrap_or_default();
+        warn!(
+            service = &*self.service,
+            worker = index,
+            worker_pid = old.pid,
+            reason = reason,
+            silent_ms = old.tracker.silent(Instant::now()).as_millis() as u64,
+            elu = hb.elu,
+            delay_p99_ms = hb.delay_p99_ms,
+            heap_used_mib = hb.heap_used >> 20,
+            heap_limit_mib = hb.heap_limit >> 20,
+            rss_mib = hb.rss >> 20,
+            inflight = hb.inflight,
+            "replacing worker: {reason}"
+        );
+        old.suspect = matches!(
+            verdict,
+            Verdict::Suspect { .. } | Verdict::Unresponsive { .. }
+        );
+        slot.retiring.push(Retiring {
+            worker: old,
+            reason,
+            phase: Phase::Waiting,
+        });
+        self.spawn(index);
+    }
+
+    /// The slot's new process listens: drain its healthy predecessors, kill
+    /// the blocked ones (suspects get until `unresponsive_after`).
+    fn retire_old(&mut self, index: usize) {
+        let now = Instant::now();
+        let health = &self.settings.config.health;
+        let drain_for = self.settings.config.shutdown.timeout.get();
+        let slot = &mut self.slots[index];
+        if !slot
+            .worker
+            .as_ref()
+            .is_some_and(|w| w.state == State::Ready)
+        {
+            return;
+        }
+        for r in slot
+            .retiring
+            .iter_mut()
+            .filter(|r| r.phase == Phase::Waiting)
+        {
+            let silent = r.worker.tracker.silent(now);
+            if r.worker.suspect && silent >= health.unresponsive_after.get() {
+                warn!(
+                    service = &*self.service,
+                    worker = index,
+                    worker_pid = r.worker.pid,
+                    silent_ms = silent.as_millis() as u64,
+                    "killing blocked worker: its replacement is ready"
+                );
+                r.worker.signal(Signal::SIGKILL);
+                r.phase = Phase::Killed;
+            } else if !r.worker.suspect {
+                r.worker.send(SupervisorMessage::Drain);
+                r.worker.state = State::Draining;
+                r.phase = Phase::Draining {
+                    deadline: now + drain_for,
+                };
+            }
+        }
+    }
+
     fn on_timer(&mut self) {
         let now = Instant::now();
         let start_timeout = self.settings.config.worker.start_timeout.get();
+        let health = self.settings.config.health.clone();
         for index in 0..self.slots.len() {
             let slot = &mut self.slots[index];
             if let Some(w) = &slot.worker
@@ -278,6 +486,50 @@ impl Supervisor {
                 w.signal(Signal::SIGKILL);
                 slot.kill_reason = Some(reason);
             }
+            // Silence of the current worker: suspect.
+            let silence = slot
+                .worker
+                .as_ref()
+                .filter(|w| w.state == State::Ready && health.enabled && !self.shutting_down)
+                .and_then(|w| w.tracker.silence(&health, now));
+            if let Some(v) = silence {
+                self.replace(index, &v);
+                continue;
+            }
+            let slot = &mut self.slots[index];
+            // Suspects that stayed silent become unresponsive: killed once
+            // the replacement listens; stragglers past their drain deadline
+            // are killed.
+            let replacement_ready = slot
+                .worker
+                .as_ref()
+                .is_some_and(|w| w.state == State::Ready);
+            let mut blocked = false;
+            for r in &mut slot.retiring {
+                match r.phase {
+                    Phase::Draining { deadline } if now >= deadline => {
+                        warn!(
+                            service = &*self.service,
+                            worker = index,
+                            worker_pid = r.worker.pid,
+                            "replaced worker did not finish draining in time; killing it"
+                        );
+                        r.worker.signal(Signal::SIGKILL);
+                        r.phase = Phase::Killed;
+                    }
+                    Phase::Waiting
+                        if r.worker.suspect
+                            && r.worker.tracker.silent(now) >= health.unresponsive_after.get() =>
+                    {
+                        blocked = true;
+                    }
+                    _ => {}
+                }
+            }
+            if blocked && replacement_ready {
+                self.retire_old(index);
+            }
+            let slot = &mut self.slots[index];
             if !self.shutting_down
                 && slot.worker.is_none()
                 && slot.restart_at.is_some_and(|t| now >= t)
@@ -289,23 +541,114 @@ impl Supervisor {
 
     /// The next moment `on_timer` has something to do.
     fn next_deadline(&self) -> Option<Instant> {
-        let start_timeout = self.settings.config.worker.start_timeout.get();
-        self.slots
-            .iter()
-            .flat_map(|s| {
-                let start = s
-                    .worker
-                    .as_ref()
-                    .filter(|w| w.state == State::Starting && s.kill_reason.is_none())
-                    .map(|w| w.started + start_timeout);
-                [start, s.restart_at]
-            })
-            .flatten()
-            .min()
+        let cfg = &self.settings.config;
+        let start_timeout = cfg.worker.start_timeout.get();
+        let health = &cfg.health;
+        let mut next: Option<Instant> = None;
+        let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
+        for s in &self.slots {
+            if let Some(w) = &s.worker {
+                if w.state == State::Starting && s.kill_reason.is_none() {
+                    consider(w.started + start_timeout);
+                }
+                if w.state == State::Ready && health.enabled && !self.shutting_down {
+                    consider(w.tracker.last_beat + health.suspect_after.get());
+                }
+            }
+            if let Some(t) = s.restart_at {
+                consider(t);
+            }
+            let replacement_ready = s.worker.as_ref().is_some_and(|w| w.state == State::Ready);
+            for r in &s.retiring {
+                match r.phase {
+                    Phase::Draining { deadline } => consider(deadline),
+                    Phase::Waiting if r.worker.suspect && replacement_ready => {
+                        consider(r.worker.tracker.last_beat + health.unresponsive_after.get())
+                    }
+                    _ => {}
+                }
+            }
+        }
+        // Never spin: a deadline in the past is looked at again shortly.
+        next.map(|t| t.max(Instant::now() + Duration::from_millis(5)))
     }
 
-    fn workers(&self) -> impl Iterator<Item = &Worker> {
-        self.slots.iter().filter_map(|s| s.worker.as_ref())
+    /// After every event: steer connections to the slots that accept,
+    /// publish readiness, and move a rolling restart along.
+    fn after_change(&mut self) {
+        let weights: Vec<u32> = self
+            .slots
+            .iter()
+            .map(|s| u32::from(s.accepting()))
+            .collect();
+        if weights != self.steering && self.listeners.can_steer() {
+            match self.listeners.steer(&weights) {
+                Ok(()) => {
+                    tracing::debug!(weights = ?weights, "steering new connections");
+                    self.steering = weights;
+                }
+                Err(e) => warn!(error = %e, "cannot attach the steering program"),
+            }
+        }
+        let ready = self.slots.iter().filter(|s| s.accepting()).count();
+        self.probes.set_workers(ready, self.slots.len());
+        self.advance_rolling();
+    }
+
+    fn start_rolling_restart(&mut self, why: &str) {
+        if self.shutting_down {
+            return;
+        }
+        if self.rolling.is_some() {
+            warn!(trigger = why, "a rolling restart is already in progress");
+            return;
+        }
+        info!(
+            trigger = why,
+            workers = self.slots.len(),
+            "rolling restart: replacing workers one slot at a time"
+        );
+        self.rolling = Some(Rolling {
+            pending: (0..self.slots.len()).collect(),
+            current: None,
+        });
+    }
+
+    fn advance_rolling(&mut self) {
+        let Some(rolling) = &mut self.rolling else {
+            return;
+        };
+        if let Some(i) = rolling.current {
+            let slot = &self.slots[i];
+            let done = slot.retiring.is_empty()
+                && slot
+                    .worker
+                    .as_ref()
+                    .is_some_and(|w| w.state == State::Ready);
+            if !done {
+                return;
+            }
+            rolling.current = None;
+        }
+        while let Some(i) = rolling.pending.pop_front() {
+            if self.slots[i]
+                .worker
+                .as_ref()
+                .is_some_and(|w| w.state == State::Ready)
+            {
+                rolling.current = Some(i);
+                self.replace(i, &Verdict::Rolling);
+                return;
+            }
+            // A slot without a ready worker is starting one anyway, from the
+            // current code.
+        }
+        info!("rolling restart complete");
+        self.rolling = None;
+    }
+
+    fn processes(&self) -> impl Iterator<Item = &Worker> {
+        self.slots.iter().flat_map(Slot::processes)
     }
 
     async fn shutdown(
@@ -322,6 +665,8 @@ impl Supervisor {
             "shutting down: finishing in-flight requests (a second signal stops at once)"
         );
         self.shutting_down = true;
+        self.probes.set_shutting_down();
+        self.rolling = None;
         for slot in &mut self.slots {
             slot.restart_at = None;
         }
@@ -335,7 +680,7 @@ impl Supervisor {
             let queued: u32 = self
                 .slots
                 .iter()
-                .filter(|s| s.worker.as_ref().is_some_and(|w| w.state == State::Ready))
+                .filter(|s| s.accepting())
                 .map(|s| self.listeners.queued(s.index).unwrap_or(0))
                 .sum();
             if queued == 0 {
@@ -358,9 +703,12 @@ impl Supervisor {
 
         // 2. Drain: stop accepting, finish in-flight requests, then exit.
         for slot in &mut self.slots {
-            if let Some(w) = &mut slot.worker {
+            let retiring = slot.retiring.iter_mut().map(|r| &mut r.worker);
+            for w in slot.worker.iter_mut().chain(retiring) {
                 match w.state {
-                    State::Ready => w.send(SupervisorMessage::Drain),
+                    State::Ready if !w.suspect => w.send(SupervisorMessage::Drain),
+                    // Blocked: it will not drain.
+                    State::Ready => w.signal(Signal::SIGKILL),
                     // Not serving yet: nothing to finish.
                     State::Starting => w.signal(Signal::SIGTERM),
                     State::Draining => {}
@@ -368,7 +716,7 @@ impl Supervisor {
                 w.state = State::Draining;
             }
         }
-        while self.workers().next().is_some() {
+        while self.processes().next().is_some() {
             tokio::select! {
                 Some(ev) = self.events.recv() => self.on_event(ev),
                 _ = tokio::time::sleep_until(deadline.into()) => break,
@@ -376,7 +724,7 @@ impl Supervisor {
                 _ = int.recv() => return self.stop_now(Signal::SIGINT).await,
             }
         }
-        let left: Vec<u32> = self.workers().map(|w| w.pid).collect();
+        let left: Vec<u32> = self.processes().map(|w| w.pid).collect();
         if !left.is_empty() {
             warn!(pids = ?left, "workers still running after the shutdown timeout; killing them");
             self.kill_all().await;
@@ -393,11 +741,11 @@ impl Supervisor {
 
     /// SIGKILLs every worker and waits (briefly) until each is reaped.
     async fn kill_all(&mut self) {
-        for w in self.workers() {
+        for w in self.processes() {
             w.signal(Signal::SIGKILL);
         }
         let limit = Instant::now() + Duration::from_secs(5);
-        while self.workers().next().is_some() {
+        while self.processes().next().is_some() {
             tokio::select! {
                 Some(ev) = self.events.recv() => self.on_event(ev),
                 _ = tokio::time::sleep_until(limit.into()) => break,

@@ -17,6 +17,8 @@ pub struct Overrides {
     pub host: Option<String>,
     pub port: Option<u16>,
     pub workers: Option<Workers>,
+    /// `--metrics-port`: `Some(None)` turns the probe server off.
+    pub metrics_port: Option<Option<u16>>,
 }
 
 /// Builds the settings a runtime starts with.
@@ -64,6 +66,11 @@ pub fn resolve(flags: &Overrides) -> Result<Settings> {
     if let Some(workers) = flags.workers {
         config.server.workers = workers;
     }
+    match flags.metrics_port {
+        Some(Some(port)) => config.metrics.port = super::Port(port),
+        Some(None) => config.metrics.enabled = false,
+        None => {}
+    }
 
     let host = parse_host(config.server.host.as_str()).map_err(|message| match &source {
         Some(path) if flags.host.is_none() => {
@@ -75,6 +82,18 @@ pub fn resolve(flags: &Overrides) -> Result<Settings> {
         },
     })?;
     let addr = SocketAddr::new(host, config.server.port.0);
+    let metrics_addr = if config.metrics.enabled {
+        let host = parse_host(config.metrics.host.as_str()).map_err(|message| match &source {
+            Some(path) => Error::config(path, 0, 0, format!("metrics.host: {message}")),
+            None => Error::Flag {
+                flag: "--metrics-port",
+                message,
+            },
+        })?;
+        Some(SocketAddr::new(host, config.metrics.port.0))
+    } else {
+        None
+    };
     let workers = config.server.workers.resolve();
 
     let (launch, package_name) = detect::detect(&app_dir, &config.app)?;
@@ -98,6 +117,7 @@ pub fn resolve(flags: &Overrides) -> Result<Settings> {
         service,
         app_dir,
         addr,
+        metrics_addr,
         workers,
         node,
         launch,

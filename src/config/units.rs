@@ -269,3 +269,58 @@ mod tests {
         assert!(Workers::parse("many").is_err());
     }
 }
+
+/// A size written as a human string: "512MiB", "1GiB", "300MB".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Size(pub u64);
+
+impl Size {
+    pub fn bytes(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Display for Size {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const MIB: u64 = 1 << 20;
+        if self.0.is_multiple_of(1 << 30) && self.0 > 0 {
+            write!(f, "{}GiB", self.0 >> 30)
+        } else if self.0.is_multiple_of(MIB) && self.0 > 0 {
+            write!(f, "{}MiB", self.0 >> 20)
+        } else {
+            write!(f, "{}B", self.0)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = interpolate::expand_for_serde::<D>(&String::deserialize(d)?)?;
+        text.trim()
+            .parse::<bytesize::ByteSize>()
+            .map(|b| Size(b.as_u64()))
+            .map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "invalid size {text:?} ({e}); write it like \"512MiB\" or \"2GiB\""
+                ))
+            })
+    }
+}
+
+impl Serialize for Size {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl JsonSchema for Size {
+    fn schema_name() -> Cow<'static, str> {
+        "Size".into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "type": "string",
+            "description": "A size such as \"512MiB\", \"2GiB\" or \"300MB\"."
+        })
+    }
+}

@@ -1,4 +1,5 @@
-//! What the runtime tells the outside world. For now: the one log stream on
-//! stdout that carries the supervisor's events and every worker's output.
+//! What the runtime tells the outside world: the one log stream on stdout
+//! (supervisor events and every worker's output) and the Kubernetes probes.
 
 pub mod logs;
+pub mod probes;

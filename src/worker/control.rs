@@ -39,6 +39,7 @@ pub struct Heartbeat {
     pub delay_max_ms: f64,
     pub heap_used: u64,
     pub heap_total: u64,
+    /// V8's old-space limit, where it fails with "heap out of memory".
     pub heap_limit: u64,
     pub rss: u64,
     /// Requests being handled now.

@@ -19,6 +19,7 @@ use tokio_util::codec::{FramedRead, LinesCodec};
 pub use control::{AgentMessage, Heartbeat, SupervisorMessage};
 pub use spawn::Command;
 
+use crate::health::Tracker;
 use crate::telemetry::logs::{self, Logs, Origin};
 
 /// Where a worker process is in its life.
@@ -57,7 +58,10 @@ pub struct Worker {
     pub state: State,
     pub started: Instant,
     pub ready_at: Option<Instant>,
-    pub health: Option<Heartbeat>,
+    /// Heartbeats and what they say.
+    pub tracker: Tracker,
+    /// Silent for `suspect_after`: no new connections are steered to it.
+    pub suspect: bool,
     control: mpsc::UnboundedSender<SupervisorMessage>,
     stderr_tail: Arc<Mutex<VecDeque<String>>>,
 }
@@ -158,7 +162,8 @@ impl Worker {
             state: State::Starting,
             started: Instant::now(),
             ready_at: None,
-            health: None,
+            tracker: Tracker::new(Instant::now()),
+            suspect: false,
             control,
             stderr_tail: tail,
         })

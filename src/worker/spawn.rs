@@ -31,12 +31,16 @@ pub struct Spawned {
 impl Command {
     pub fn new(settings: &Settings, agent: &Path) -> Command {
         let cfg = &settings.config;
-        let node_options: Vec<OsString> = cfg
+        let mut node_options: Vec<OsString> = cfg
             .node
             .options
             .iter()
             .map(|o| o.0.clone().into())
             .collect();
+        if let Some(max) = cfg.health.max_heap {
+            let mib = (max.bytes() >> 20).max(1);
+            node_options.push(format!("--max-old-space-size={mib}").into());
+        }
         let require = [OsString::from("--require"), agent.into()];
         let mut env: Vec<(OsString, OsString)> = settings
             .env
@@ -80,7 +84,11 @@ impl Command {
                     .get("NODE_OPTIONS")
                     .cloned()
                     .unwrap_or_default();
-                let quoted = format!("--require \"{}\"", agent.display());
+                let extra: Vec<String> = node_options
+                    .iter()
+                    .map(|o| o.to_string_lossy().into_owned())
+                    .collect();
+                let quoted = format!("{} --require \"{}\"", extra.join(" "), agent.display());
                 env.retain(|(k, _)| k != "NODE_OPTIONS");
                 env.push((
                     "NODE_OPTIONS".into(),

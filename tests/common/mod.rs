@@ -97,6 +97,8 @@ pub fn msg_is(line: &serde_json::Value, msg: &str) -> bool {
 pub struct Ampere {
     pub child: Child,
     pub port: u16,
+    /// The probe server's port.
+    pub metrics_port: u16,
     pub logs: LogLines,
     pub stderr: Arc<Mutex<String>>,
     reader: Option<std::thread::JoinHandle<()>>,
@@ -106,15 +108,17 @@ impl Ampere {
     /// Starts `ampere start <dir> --port <free> --host 127.0.0.1 <extra...>`.
     pub fn start(dir: &Path, extra: &[&str]) -> Ampere {
         let port = free_port();
+        let metrics_port = free_port();
         let mut cmd = Command::new(AMPERE);
         cmd.arg("start")
             .arg(dir)
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--metrics-port", &metrics_port.to_string()])
             .args(extra);
-        Self::spawn(cmd, port)
+        Self::spawn(cmd, port, metrics_port)
     }
 
-    pub fn spawn(mut cmd: Command, port: u16) -> Ampere {
+    pub fn spawn(mut cmd: Command, port: u16, metrics_port: u16) -> Ampere {
         cmd.env("NEXT_TELEMETRY_DISABLED", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -143,6 +147,7 @@ impl Ampere {
         Ampere {
             child,
             port,
+            metrics_port,
             logs,
             stderr,
             reader: Some(reader),
@@ -151,6 +156,15 @@ impl Ampere {
 
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))
+    }
+
+    /// A probe: GET on the probe server with a 1 s timeout.
+    pub fn probe(&self, path: &str) -> Result<Response, Failure> {
+        get(
+            SocketAddr::from((Ipv4Addr::LOCALHOST, self.metrics_port)),
+            path,
+            Duration::from_secs(1),
+        )
     }
 
     /// Waits until `n` workers have reported ready; returns their pids.

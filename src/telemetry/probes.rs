@@ -1,0 +1,105 @@
+//! Kubernetes probes, served by the supervisor on the metrics port:
+//! `/live` (and its alias `/status`) and `/ready`. They read state that the
+//! supervisor publishes; they never ask a worker anything, so they answer
+//! while every worker is busy or blocked.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+
+/// How long the supervisor's loop may go without ticking before `/live`
+/// says it is stuck.
+const STALL: Duration = Duration::from_secs(5);
+
+/// What the supervisor publishes for the probes.
+pub struct ProbeState {
+    started: Instant,
+    /// Milliseconds after `started` of the loop's last tick.
+    last_tick_ms: AtomicU64,
+    ready_workers: AtomicUsize,
+    workers: AtomicUsize,
+    shutting_down: AtomicBool,
+}
+
+impl ProbeState {
+    pub fn new() -> Arc<Self> {
+        Arc::new(ProbeState {
+            started: Instant::now(),
+            last_tick_ms: AtomicU64::new(0),
+            ready_workers: AtomicUsize::new(0),
+            workers: AtomicUsize::new(0),
+            shutting_down: AtomicBool::new(false),
+        })
+    }
+
+    /// The supervisor's loop is alive.
+    pub fn tick(&self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.last_tick_ms.store(ms, Ordering::Relaxed);
+    }
+
+    pub fn set_workers(&self, ready: usize, total: usize) {
+        self.ready_workers.store(ready, Ordering::Relaxed);
+        self.workers.store(total, Ordering::Relaxed);
+    }
+
+    pub fn set_shutting_down(&self) {
+        self.shutting_down.store(true, Ordering::Relaxed);
+    }
+
+    fn live(&self) -> bool {
+        let now = self.started.elapsed().as_millis() as u64;
+        now.saturating_sub(self.last_tick_ms.load(Ordering::Relaxed)) < STALL.as_millis() as u64
+    }
+
+    fn ready(&self) -> bool {
+        !self.shutting_down.load(Ordering::Relaxed)
+            && self.ready_workers.load(Ordering::Relaxed) > 0
+    }
+}
+
+pub fn router(state: Arc<ProbeState>) -> Router {
+    Router::new()
+        .route("/live", get(live))
+        .route("/status", get(live))
+        .route("/ready", get(ready))
+        .with_state(state)
+}
+
+/// Serves the probes until the process ends.
+pub async fn serve(listener: std::net::TcpListener, state: Arc<ProbeState>) -> std::io::Result<()> {
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    axum::serve(listener, router(state)).await
+}
+
+async fn live(State(s): State<Arc<ProbeState>>) -> (StatusCode, String) {
+    if s.live() {
+        (StatusCode::OK, "ok\n".into())
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "supervisor loop stalled\n".into(),
+        )
+    }
+}
+
+async fn ready(State(s): State<Arc<ProbeState>>) -> (StatusCode, String) {
+    let ready = s.ready_workers.load(Ordering::Relaxed);
+    let total = s.workers.load(Ordering::Relaxed);
+    if s.shutting_down.load(Ordering::Relaxed) {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n".into())
+    } else if s.ready() {
+        (StatusCode::OK, format!("ready: {ready}/{total} workers\n"))
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {ready}/{total} workers\n"),
+        )
+    }
+}

@@ -1,0 +1,395 @@
+//! Self-healing: a blocked worker is routed around at once and replaced in
+//! seconds, a leaking worker is replaced before V8 runs out of heap, rolling
+//! restarts lose nothing, steering keeps new connections off a slot without
+//! a ready process, and the probes answer whatever the workers do.
+
+mod common;
+
+use std::collections::HashSet;
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+
+const READY: Duration = Duration::from_secs(30);
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs `clients` threads of sequential requests to `path` on new
+/// connections until stopped; collects every outcome.
+struct Load {
+    stop: Arc<AtomicBool>,
+    results: Arc<Mutex<Vec<Result<u32, String>>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn new_connections(
+        addr: std::net::SocketAddr,
+        path: &'static str,
+        clients: usize,
+        pause: Duration,
+    ) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let results = Arc::new(Mutex::new(Vec::new()));
+        let threads = (0..clients)
+            .map(|_| {
+                let (stop, results) = (stop.clone(), results.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        let r = match get(addr, path, CLIENT_TIMEOUT) {
+                            Ok(r) if r.status == 200 => Ok(r.pid()),
+                            Ok(r) => Err(format!("status {}", r.status)),
+                            Err(e) => Err(format!("{e:?}")),
+                        };
+                        results.lock().unwrap().push(r);
+                        std::thread::sleep(pause);
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            results,
+            threads,
+        }
+    }
+
+    /// Clients on keep-alive connections that reconnect when told to close.
+    fn keep_alive(addr: std::net::SocketAddr, clients: usize, pause: Duration) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let results = Arc::new(Mutex::new(Vec::new()));
+        let threads = (0..clients)
+            .map(|_| {
+                let (stop, results) = (stop.clone(), results.clone());
+                std::thread::spawn(move || {
+                    let mut conn: Option<TcpStream> = None;
+                    while !stop.load(Ordering::Relaxed) {
+                        let stream = match conn.as_mut() {
+                            Some(s) => s,
+                            None => match TcpStream::connect(addr) {
+                                Ok(s) => conn.insert(s),
+                                Err(e) => {
+                                    results.lock().unwrap().push(Err(format!("connect: {e}")));
+                                    continue;
+                                }
+                            },
+                        };
+                        let r = match request(stream, "/", true, CLIENT_TIMEOUT) {
+                            Ok(r) if r.status == 200 => {
+                                if r.header("connection") == Some("close") {
+                                    conn = None;
+                                }
+                                Ok(r.pid())
+                            }
+                            Ok(r) => Err(format!("status {}", r.status)),
+                            Err(e) => {
+                                conn = None;
+                                Err(format!("{e:?}"))
+                            }
+                        };
+                        results.lock().unwrap().push(r);
+                        std::thread::sleep(pause);
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            results,
+            threads,
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.results.lock().unwrap().len()
+    }
+
+    fn answered_by(&self, pid: u32) -> bool {
+        self.results
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|r| r.as_ref().is_ok_and(|p| *p == pid))
+    }
+
+    fn finish(self) -> Vec<Result<u32, String>> {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        Arc::try_unwrap(self.results).unwrap().into_inner().unwrap()
+    }
+}
+
+fn pid_of(line: &serde_json::Value) -> u32 {
+    line["worker_pid"].as_u64().unwrap() as u32
+}
+
+fn config(body: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ampere.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[app]\ndir = {:?}\n{body}",
+            fixture("hello").display().to_string()
+        ),
+    )
+    .unwrap();
+    let path = path.to_str().unwrap().to_owned();
+    (dir, path)
+}
+
+#[test]
+fn a_blocked_worker_is_routed_around_and_replaced() {
+    let mut ampere = Ampere::start(&fixture("hello"), &["--workers", "2"]);
+    ampere.wait_ready(2, READY);
+    let addr = ampere.addr();
+    let load = Load::new_connections(addr, "/", 4, Duration::from_millis(10));
+    wait_until(READY, "steady load", || load.count() >= 100);
+
+    // Probe /ready all along.
+    let probing = Arc::new(AtomicBool::new(true));
+    let probe_results = Arc::new(Mutex::new(Vec::new()));
+    let prober = {
+        let (probing, probe_results, metrics_port) =
+            (probing.clone(), probe_results.clone(), ampere.metrics_port);
+        std::thread::spawn(move || {
+            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], metrics_port));
+            while probing.load(Ordering::Relaxed) {
+                let r = get(addr, "/ready", Duration::from_secs(1)).map(|r| r.status);
+                probe_results.lock().unwrap().push(r);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+
+    // One request blocks one worker's event loop for good.
+    std::thread::spawn(move || get(addr, "/block-forever", Duration::from_secs(60)));
+    let replacing = ampere
+        .logs
+        .wait_for(READY, "the blocked worker to be replaced", |l| {
+            msg_is(l, "replacing worker")
+                && l["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("no heartbeat"))
+        });
+    let blocked = pid_of(&replacing);
+    ampere
+        .logs
+        .wait_for(READY, "the blocked worker to be killed", |l| {
+            msg_is(l, "killing blocked worker") && pid_of(l) == blocked
+        });
+    wait_until(READY, "the blocked worker to be gone", || !alive(blocked));
+    let after = load.count();
+    wait_until(READY, "load after the replacement", || {
+        load.count() >= after + 100
+    });
+    let results = load.finish();
+    probing.store(false, Ordering::Relaxed);
+    prober.join().unwrap();
+
+    let failed: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
+    let ok = results.len() - failed.len();
+    assert!(
+        ok * 100 >= results.len() * 99,
+        "{} of {} requests failed: {failed:?}",
+        failed.len(),
+        results.len()
+    );
+    let probes = probe_results.lock().unwrap();
+    assert!(
+        probes.iter().all(|p| *p == Ok(200)),
+        "/ready must stay 200: {probes:?}"
+    );
+    assert!(ampere.child.try_wait().unwrap().is_none());
+}
+
+#[test]
+fn a_leaking_worker_is_replaced_before_it_runs_out_of_heap() {
+    let (_dir, config) = config("[health]\nmax_heap = \"192MiB\"\n");
+    let mut ampere = Ampere::start(&fixture("hello"), &["--workers", "2", "--config", &config]);
+    let first: HashSet<u32> = ampere.wait_ready(2, READY).into_iter().collect();
+    // 256 KiB kept per request, ~40 requests a second per client.
+    let load = Load::new_connections(ampere.addr(), "/leak?kb=256", 2, Duration::from_millis(25));
+    let replacing = ampere
+        .logs
+        .wait_for(Duration::from_secs(60), "a memory replacement", |l| {
+            msg_is(l, "replacing worker")
+                && l["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.starts_with("memory"))
+        });
+    let leaker = pid_of(&replacing);
+    assert!(first.contains(&leaker));
+    ampere
+        .logs
+        .wait_for(READY, "the leaking worker to stop", |l| {
+            msg_is(l, "replaced worker stopped") && pid_of(l) == leaker
+        });
+    let results = load.finish();
+    let lines = ampere.logs.all();
+    let oom: Vec<_> = lines
+        .iter()
+        .filter(|l| {
+            l["msg"].as_str().is_some_and(|m| {
+                m.contains("heap out of memory") || m.contains("Allocation failed")
+            })
+        })
+        .collect();
+    assert!(oom.is_empty(), "a worker died of OOM: {oom:?}");
+    let failed: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {failed:?}",
+        failed.len(),
+        results.len()
+    );
+}
+
+fn rolling_restart_loses_nothing(keep_alive: bool) {
+    let mut ampere = Ampere::start(&fixture("hello"), &["--workers", "2"]);
+    let old: HashSet<u32> = ampere.wait_ready(2, READY).into_iter().collect();
+    let load = if keep_alive {
+        Load::keep_alive(ampere.addr(), 4, Duration::from_millis(5))
+    } else {
+        Load::new_connections(ampere.addr(), "/", 4, Duration::from_millis(5))
+    };
+    wait_until(READY, "steady load", || load.count() >= 100);
+    ampere.signal(Signal::SIGHUP);
+    ampere
+        .logs
+        .wait_for(READY, "the rolling restart to complete", |l| {
+            msg_is(l, "rolling restart complete")
+        });
+    let new: Vec<u32> = ampere
+        .logs
+        .all()
+        .iter()
+        .filter(|l| msg_is(l, "worker ready"))
+        .map(pid_of)
+        .filter(|p| !old.contains(p))
+        .collect();
+    assert_eq!(new.len(), 2, "both workers replaced");
+    wait_until(READY, "both new workers to serve", || {
+        new.iter().all(|p| load.answered_by(*p))
+    });
+    let results = load.finish();
+    let failed: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {failed:?}",
+        failed.len(),
+        results.len()
+    );
+    for pid in old {
+        assert!(!alive(pid), "old worker {pid} still running");
+    }
+}
+
+#[test]
+fn rolling_restart_on_new_connections_loses_nothing() {
+    rolling_restart_loses_nothing(false);
+}
+
+#[test]
+fn rolling_restart_on_keep_alive_connections_loses_nothing() {
+    rolling_restart_loses_nothing(true);
+}
+
+#[test]
+fn new_connections_avoid_a_slot_without_a_ready_process() {
+    let slow_start = tempfile::NamedTempFile::new().unwrap();
+    let mut cmd_env_ampere = {
+        let port = free_port();
+        let metrics_port = free_port();
+        let mut cmd = std::process::Command::new(AMPERE);
+        cmd.arg("start")
+            .arg(fixture("hello"))
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--workers",
+                "2",
+            ])
+            .args(["--metrics-port", &metrics_port.to_string()])
+            .env("HELLO_SLOW_START_FILE", slow_start.path());
+        Ampere::spawn(cmd, port, metrics_port)
+    };
+    let ampere = &mut cmd_env_ampere;
+    let workers = ampere.wait_ready(2, READY);
+    let addr = ampere.addr();
+    // From now on a new worker takes 3 s to listen.
+    std::fs::write(slow_start.path(), "3000").unwrap();
+    let (victim, survivor) = (workers[0], workers[1]);
+    signal(victim, Signal::SIGKILL);
+    let starting = ampere
+        .logs
+        .wait_for(READY, "the replacement to start", |l| {
+            msg_is(l, "worker starting") && !workers.contains(&pid_of(l))
+        });
+    let replacement = pid_of(&starting);
+    // While the slot has no ready process, every new connection goes to the
+    // other slot: answered at once by the survivor.
+    for i in 0..30 {
+        let r = get(addr, "/", CLIENT_TIMEOUT).unwrap_or_else(|e| panic!("request {i}: {e:?}"));
+        assert_eq!(
+            r.pid(),
+            survivor,
+            "request {i} went to the slot without a ready process"
+        );
+    }
+    assert!(
+        ampere
+            .logs
+            .count(|l| msg_is(l, "worker ready") && pid_of(l) == replacement)
+            == 0,
+        "the replacement became ready too early for this test to mean anything"
+    );
+    ampere
+        .logs
+        .wait_for(READY, "the replacement to listen", |l| {
+            msg_is(l, "worker ready") && pid_of(l) == replacement
+        });
+    let pids = pids_of_requests(addr, "/", 100);
+    assert!(
+        pids.contains(&replacement) && pids.contains(&survivor),
+        "both slots serve again"
+    );
+}
+
+#[test]
+fn probes_answer_while_every_worker_is_blocked() {
+    let (_dir, config) = config("[health]\nenabled = false\n[shutdown]\ntimeout = \"3s\"\n");
+    let mut ampere = Ampere::start(&fixture("hello"), &["--workers", "2", "--config", &config]);
+    let workers = ampere.wait_ready(2, READY);
+    wait_until(READY, "/ready", || {
+        ampere.probe("/ready").is_ok_and(|r| r.status == 200)
+    });
+    for pid in &workers {
+        signal(*pid, Signal::SIGSTOP);
+    }
+    for path in ["/live", "/status", "/ready"] {
+        let r = ampere
+            .probe(path)
+            .unwrap_or_else(|e| panic!("{path}: {e:?}"));
+        assert_eq!(r.status, 200, "{path}: {r:?}");
+    }
+    ampere.signal(Signal::SIGTERM);
+    ampere
+        .logs
+        .wait_for(READY, "shutdown to start", |l| msg_is(l, "shutting down"));
+    let r = ampere
+        .probe("/ready")
+        .expect("/ready answers during shutdown");
+    assert_eq!(r.status, 503);
+    assert_eq!(ampere.probe("/live").unwrap().status, 200);
+    for pid in &workers {
+        signal(*pid, Signal::SIGCONT);
+    }
+    assert_eq!(ampere.wait_exit(READY), Some(0));
+}
