@@ -41,7 +41,7 @@ from overhead import (HOST, ROOT, TOOLS, children, ensure_node, ensure_oha,  # n
                       free_port, sh)
 
 APP = ROOT / "bench" / "apps" / "faulty"
-PEERS = {"pm2": "pm2@6", "wattpm": "wattpm@3", "@platformatic/node": "@platformatic/node@3"}
+PEERS = {"pm2": "pm2@7.0.4", "wattpm": "wattpm@3.67.0", "@platformatic/node": "@platformatic/node@3.65.0"}
 HEAP_MIB = 256
 
 

@@ -4,6 +4,8 @@
 mod common;
 
 use std::collections::HashSet;
+use std::io::Write;
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,7 +16,22 @@ const READY: Duration = Duration::from_secs(30);
 
 #[test]
 fn connections_queued_on_a_killed_worker_are_answered_by_its_replacement() {
-    let mut ampere = Ampere::start(&fixture("hello"), &["--workers", "2"]);
+    // Health checks off: this test is about the slot's socket, not about
+    // detecting the stopped worker.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ampere.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[app]\ndir = {:?}\n[health]\nenabled = false\n",
+            fixture("hello").display().to_string()
+        ),
+    )
+    .unwrap();
+    let mut ampere = Ampere::start(
+        &fixture("hello"),
+        &["--workers", "2", "--config", config.to_str().unwrap()],
+    );
     let before: HashSet<u32> = ampere.wait_ready(2, READY).into_iter().collect();
     let addr = ampere.addr();
 
@@ -34,14 +51,30 @@ fn connections_queued_on_a_killed_worker_are_answered_by_its_replacement() {
         results.lock().unwrap().len() >= 20
     });
 
+    // Stop one worker so that it accepts nothing, and queue a burst of
+    // requests: those the kernel puts in its slot wait in the accept queue.
     let victim = *before.iter().next().unwrap();
-    signal(victim, Signal::SIGKILL);
-    // A burst right after the kill: the connections hashed to the dead
-    // worker's slot wait in its accept queue until the replacement takes
-    // them (the first restart is immediate, node needs ~100 ms to start).
+    signal(victim, Signal::SIGSTOP);
+    let (sent_tx, sent_rx) = std::sync::mpsc::channel();
     let burst: Vec<_> = (0..40)
-        .map(|_| std::thread::spawn(move || get(addr, "/", Duration::from_secs(10))))
+        .map(|_| {
+            let sent = sent_tx.clone();
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+                s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    .map_err(|e| format!("write: {e}"))?;
+                sent.send(()).unwrap();
+                read_response(&mut s).map_err(|e| format!("read: {e}"))
+            })
+        })
         .collect();
+    for _ in 0..40 {
+        sent_rx.recv_timeout(READY).expect("burst requests sent");
+    }
+    // Now kill it: the supervisor keeps the slot's socket, the replacement
+    // accepts from the same queue.
+    signal(victim, Signal::SIGKILL);
     let burst: Vec<_> = burst.into_iter().map(|t| t.join().unwrap()).collect();
 
     let replacement = ampere
@@ -65,7 +98,7 @@ fn connections_queued_on_a_killed_worker_are_answered_by_its_replacement() {
     for (i, r) in burst.iter().enumerate() {
         let r = r
             .as_ref()
-            .unwrap_or_else(|e| panic!("burst request {i} failed: {e:?}"));
+            .unwrap_or_else(|e| panic!("burst request {i} failed: {e}"));
         assert_eq!(r.status, 200);
     }
     let by_replacement = burst

@@ -319,7 +319,7 @@ pub fn request(
     read_response(stream).map_err(broken)
 }
 
-fn read_response(stream: &mut TcpStream) -> std::io::Result<Response> {
+pub fn read_response(stream: &mut TcpStream) -> std::io::Result<Response> {
     let mut reader = BufReader::new(stream);
     let mut status_line = String::new();
     if reader.read_line(&mut status_line)? == 0 {
