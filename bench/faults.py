@@ -175,7 +175,10 @@ def start_watt(work, node, port):
 
 
 def run_load(oha, port, path, rate, duration, keep_alive):
-    cmd = [oha, "-q", str(rate), "--latency-correction", "-z", f"{duration}s", "-t", "5s", "-c", "200",
+    # 1,000 connections at most, like the talk's k6 pre-allocated VUs; the
+    # requests still running at the end may take their 5 s to finish.
+    cmd = [oha, "-q", str(rate), "--latency-correction", "-z", f"{duration}s", "-t", "5s", "-c", "1000",
+           "--wait-ongoing-requests-after-deadline",
            "--no-tui", "--output-format", "json", f"http://{HOST}:{port}{path}"]
     if not keep_alive:
         cmd.insert(1, "--disable-keepalive")
@@ -263,6 +266,10 @@ def one_run(setup, scenario, keep_alive, args, node, oha, ampere):
         "setup": setup, "scenario": scenario, "keep_alive": keep_alive,
         "requests": total, "ok": ok, "success": ok / total if total else 0,
         "failures": failures, "p50_ms": (pct.get("p50") or 0) * 1000, "p99_ms": (pct.get("p99") or 0) * 1000,
+        # oha's percentiles cover answered requests only; with more than 1%
+        # failed (timed out at 5 s, or reset), the p99 of all requests is a
+        # failure.
+        "p99_all": "failed" if total and (total - ok) / total > 0.01 else f"{(pct.get('p99') or 0) * 1000:.0f} ms",
         "replaced_after_s": replaced, "oom": "heap out of memory" in log or "Allocation failed" in log,
     }
 
@@ -305,14 +312,16 @@ def main():
         f"{args.duration} s per run; blocked: one request runs `for (;;);` at {args.fault_at:.0f} s; "
         f"leak: 256 KiB kept per request, {HEAP_MIB} MiB old space.",
         "",
-        "| scenario | connections | setup | requests | success | failures by kind | p50 ms | p99 ms | replaced after | OOM |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "p99 ok: of the answered requests; p99 all: of every request (a failure when over 1% failed).",
+        "",
+        "| scenario | connections | setup | requests | success | failures by kind | p50 ms | p99 ok ms | p99 all | replaced after | OOM |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         fails = ", ".join(f"{k}: {v}" for k, v in r["failures"].items()) or "none"
         rep = f"{r['replaced_after_s']:.1f} s" if r["replaced_after_s"] is not None else "not replaced"
         lines.append(f"| {r['scenario']} | {'keep-alive' if r['keep_alive'] else 'new per request'} | {r['setup']} | "
-                     f"{r['requests']} | {r['success']:.1%} | {fails} | {r['p50_ms']:.1f} | {r['p99_ms']:.0f} | "
+                     f"{r['requests']} | {r['success']:.1%} | {fails} | {r['p50_ms']:.1f} | {r['p99_ms']:.0f} | {r['p99_all']} | "
                      f"{rep} | {'yes' if r['oom'] else 'no'} |")
     table = "\n".join(lines) + "\n"
     print(table)

@@ -203,10 +203,12 @@ impl Default for HealthConfig {
             unresponsive_after: Duration::from_secs(5),
             max_elu: 0.99,
             elu_grace: Duration::from_secs(30),
-            // Measured: with 2 heartbeats a second, a heap growing at
-            // 20 MiB/s crosses 85% of a 256 MiB old space about 2 s before
-            // V8 gives up, enough to start a replacement and drain.
-            max_heap_used: 0.85,
+            // Measured (bench/faults.py, leak): a worker keeping 256 KiB per
+            // request at 150 requests/s grows its heap by ~38 MiB/s; with a
+            // 256 MiB old space, 0.85 and 2 heartbeats 500 ms apart fired at
+            // 254 MiB, 50 ms before "heap out of memory". 0.75 leaves about
+            // a second, and the worker stops taking requests at once.
+            max_heap_used: 0.75,
             max_rss: None,
             memory_samples: 2,
             max_heap: None,
