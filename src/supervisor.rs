@@ -413,10 +413,23 @@ impl Supervisor {
             verdict,
             Verdict::Suspect { .. } | Verdict::Unresponsive { .. }
         );
+        // A worker running out of memory must stop taking requests now, not
+        // once its replacement listens: every request it serves meanwhile
+        // brings "heap out of memory" closer. Its slot's queue waits for the
+        // replacement; the other slots take new connections.
+        let phase = if matches!(verdict, Verdict::Memory { .. }) {
+            old.send(SupervisorMessage::Drain { urgent: true });
+            old.state = State::Draining;
+            Phase::Draining {
+                deadline: Instant::now() + self.settings.config.shutdown.timeout.get(),
+            }
+        } else {
+            Phase::Waiting
+        };
         slot.retiring.push(Retiring {
             worker: old,
             reason,
-            phase: Phase::Waiting,
+            phase,
         });
         self.spawn(index);
     }
@@ -452,7 +465,7 @@ impl Supervisor {
                 r.worker.signal(Signal::SIGKILL);
                 r.phase = Phase::Killed;
             } else if !r.worker.suspect {
-                r.worker.send(SupervisorMessage::Drain);
+                r.worker.send(SupervisorMessage::Drain { urgent: false });
                 r.worker.state = State::Draining;
                 r.phase = Phase::Draining {
                     deadline: now + drain_for,
@@ -706,7 +719,9 @@ impl Supervisor {
             let retiring = slot.retiring.iter_mut().map(|r| &mut r.worker);
             for w in slot.worker.iter_mut().chain(retiring) {
                 match w.state {
-                    State::Ready if !w.suspect => w.send(SupervisorMessage::Drain),
+                    State::Ready if !w.suspect => {
+                        w.send(SupervisorMessage::Drain { urgent: false })
+                    }
                     // Blocked: it will not drain.
                     State::Ready => w.signal(Signal::SIGKILL),
                     // Not serving yet: nothing to finish.

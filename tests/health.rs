@@ -127,21 +127,6 @@ fn pid_of(line: &serde_json::Value) -> u32 {
     line["worker_pid"].as_u64().unwrap() as u32
 }
 
-fn config(body: &str) -> (tempfile::TempDir, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("ampere.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[app]\ndir = {:?}\n{body}",
-            fixture("hello").display().to_string()
-        ),
-    )
-    .unwrap();
-    let path = path.to_str().unwrap().to_owned();
-    (dir, path)
-}
-
 #[test]
 fn a_blocked_worker_is_routed_around_and_replaced() {
     let mut ampere = Ampere::start(&fixture("hello"), &["--workers", "2"]);
@@ -209,8 +194,11 @@ fn a_blocked_worker_is_routed_around_and_replaced() {
 
 #[test]
 fn a_leaking_worker_is_replaced_before_it_runs_out_of_heap() {
-    let (_dir, config) = config("[health]\nmax_heap = \"192MiB\"\n");
-    let mut ampere = Ampere::start(&fixture("hello"), &["--workers", "2", "--config", &config]);
+    let config = hello_config("[health]\nmax_heap = \"192MiB\"\n");
+    let mut ampere = Ampere::start(
+        &fixture("hello"),
+        &["--workers", "2", "--config", &config.path],
+    );
     let first: HashSet<u32> = ampere.wait_ready(2, READY).into_iter().collect();
     // 256 KiB kept per request, ~40 requests a second per client.
     let load = Load::new_connections(ampere.addr(), "/leak?kb=256", 2, Duration::from_millis(25));
@@ -370,8 +358,11 @@ fn new_connections_avoid_a_slot_without_a_ready_process() {
 
 #[test]
 fn probes_answer_while_every_worker_is_blocked() {
-    let (_dir, config) = config("[health]\nenabled = false\n[shutdown]\ntimeout = \"3s\"\n");
-    let mut ampere = Ampere::start(&fixture("hello"), &["--workers", "2", "--config", &config]);
+    let config = hello_config("[health]\nenabled = false\n[shutdown]\ntimeout = \"3s\"\n");
+    let mut ampere = Ampere::start(
+        &fixture("hello"),
+        &["--workers", "2", "--config", &config.path],
+    );
     let workers = ampere.wait_ready(2, READY);
     wait_until(READY, "/ready", || {
         ampere.probe("/ready").is_ok_and(|r| r.status == 200)

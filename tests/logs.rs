@@ -74,19 +74,10 @@ fn worker_output_is_one_json_stream_and_nothing_is_lost() {
 
 #[test]
 fn pretty_format_is_for_people() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("ampere.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[app]\ndir = {:?}\n[logger]\nformat = \"pretty\"\n",
-            fixture("hello").display().to_string()
-        ),
-    )
-    .unwrap();
+    let config = hello_config("[logger]\nformat = \"pretty\"\n");
     let mut ampere = Ampere::start(
         &fixture("hello"),
-        &["--workers", "1", "--config", config.to_str().unwrap()],
+        &["--workers", "1", "--config", &config.path],
     );
     let line = ampere
         .logs

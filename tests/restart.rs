@@ -18,19 +18,10 @@ const READY: Duration = Duration::from_secs(30);
 fn connections_queued_on_a_killed_worker_are_answered_by_its_replacement() {
     // Health checks off: this test is about the slot's socket, not about
     // detecting the stopped worker.
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("ampere.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[app]\ndir = {:?}\n[health]\nenabled = false\n",
-            fixture("hello").display().to_string()
-        ),
-    )
-    .unwrap();
+    let config = hello_config("[health]\nenabled = false\n");
     let mut ampere = Ampere::start(
         &fixture("hello"),
-        &["--workers", "2", "--config", config.to_str().unwrap()],
+        &["--workers", "2", "--config", &config.path],
     );
     let before: HashSet<u32> = ampere.wait_ready(2, READY).into_iter().collect();
     let addr = ampere.addr();

@@ -84,19 +84,10 @@ fn nextjs_app_router_unmodified() {
 /// one socket, accepted from by every worker.
 #[test]
 fn shared_listener_mode_serves_from_one_socket() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("ampere.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[app]\ndir = {:?}\n[server]\nlistener = \"shared\"\n",
-            fixture("hello").display().to_string()
-        ),
-    )
-    .unwrap();
+    let config = hello_config("[server]\nlistener = \"shared\"\n");
     let mut ampere = Ampere::start(
         &fixture("hello"),
-        &["--workers", "2", "--config", config.to_str().unwrap()],
+        &["--workers", "2", "--config", &config.path],
     );
     let workers = ampere.wait_ready(2, READY);
     let line = ampere

@@ -15,17 +15,6 @@ use common::*;
 
 const READY: Duration = Duration::from_secs(30);
 
-fn config_with(body: &str) -> (tempfile::TempDir, std::path::PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("ampere.toml");
-    let text = format!(
-        "[app]\ndir = {:?}\n{body}",
-        fixture("hello").display().to_string()
-    );
-    std::fs::write(&path, text).unwrap();
-    (dir, path)
-}
-
 #[test]
 fn sigterm_under_load_completes_every_accepted_request() {
     let mut ampere = Ampere::start(&fixture("hello"), &["--workers", "2"]);
@@ -131,8 +120,8 @@ fn in_flight_responses_get_connection_close_and_idle_connections_are_closed() {
 
 #[test]
 fn workers_still_busy_after_the_timeout_are_killed() {
-    let (_dir, config) = config_with("[server]\nworkers = 1\n[shutdown]\ntimeout = \"300ms\"\n");
-    let mut ampere = Ampere::start(&fixture("hello"), &["--config", config.to_str().unwrap()]);
+    let config = hello_config("[server]\nworkers = 1\n[shutdown]\ntimeout = \"300ms\"\n");
+    let mut ampere = Ampere::start(&fixture("hello"), &["--config", &config.path]);
     let workers = ampere.wait_ready(1, READY);
     let addr = ampere.addr();
     let stuck = std::thread::spawn(move || get(addr, "/slow?ms=60000", Duration::from_secs(90)));
@@ -153,8 +142,8 @@ fn workers_still_busy_after_the_timeout_are_killed() {
 
 #[test]
 fn a_second_signal_stops_at_once() {
-    let (_dir, config) = config_with("[server]\nworkers = 1\n[shutdown]\ntimeout = \"10m\"\n");
-    let mut ampere = Ampere::start(&fixture("hello"), &["--config", config.to_str().unwrap()]);
+    let config = hello_config("[server]\nworkers = 1\n[shutdown]\ntimeout = \"10m\"\n");
+    let mut ampere = Ampere::start(&fixture("hello"), &["--config", &config.path]);
     let workers = ampere.wait_ready(1, READY);
     let addr = ampere.addr();
     let _stuck = std::thread::spawn(move || get(addr, "/slow?ms=60000", Duration::from_secs(90)));

@@ -53,8 +53,9 @@ pub struct Heartbeat {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum SupervisorMessage {
     /// Stop accepting, finish in-flight requests with `Connection: close`,
-    /// close idle keep-alive connections, then report `drained`.
-    Drain,
+    /// close idle keep-alive connections (at once when `urgent`, else after
+    /// a grace period), then report `drained`.
+    Drain { urgent: bool },
 }
 
 #[cfg(test)]
@@ -72,8 +73,8 @@ mod tests {
         let m: AgentMessage = serde_json::from_str(r#"{"type":"future"}"#).unwrap();
         assert!(matches!(m, AgentMessage::Unknown));
         assert_eq!(
-            serde_json::to_string(&SupervisorMessage::Drain).unwrap(),
-            r#"{"type":"drain"}"#
+            serde_json::to_string(&SupervisorMessage::Drain { urgent: true }).unwrap(),
+            r#"{"type":"drain","urgent":true}"#
         );
     }
 }

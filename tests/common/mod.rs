@@ -231,6 +231,27 @@ pub fn signal(pid: u32, sig: Signal) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).unwrap();
 }
 
+/// A config file for the hello fixture: `[app] dir` plus `body`; the file
+/// lives as long as the value.
+pub struct HelloConfig {
+    _dir: tempfile::TempDir,
+    pub path: String,
+}
+
+pub fn hello_config(body: &str) -> HelloConfig {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ampere.toml");
+    let dir_line = format!(
+        "[app]\ndir = {:?}\n",
+        fixture("hello").display().to_string()
+    );
+    std::fs::write(&path, dir_line + body).unwrap();
+    HelloConfig {
+        path: path.to_str().unwrap().to_owned(),
+        _dir: dir,
+    }
+}
+
 /// Is a process alive (and not a zombie)?
 pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
