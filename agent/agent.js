@@ -162,6 +162,7 @@ function start() {
       heap_total: heap.total_heap_size,
       heap_limit: heapLimit,
       rss: process.memoryUsage.rss(),
+      cpu_us: cpuUs(),
       inflight,
       requests,
     });
@@ -174,6 +175,11 @@ function start() {
   function isServicePort(args) {
     return Number.isInteger(PORT) && portOf(args) === PORT;
   }
+}
+
+function cpuUs() {
+  const { user, system } = process.cpuUsage();
+  return user + system;
 }
 
 // V8's heap_size_limit is the old-space limit (--max-old-space-size, where

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::layer::SubscriberExt;
@@ -12,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::listeners::Listeners;
 use crate::supervisor::{Outcome, Supervisor};
 use crate::telemetry::logs::{self, Logs};
+use crate::telemetry::metrics::Metrics;
 use crate::telemetry::probes::{self, ProbeState};
 use crate::worker::Command;
 
@@ -132,11 +134,19 @@ fn start(args: &StartArgs) -> Result<ExitCode> {
         .build()
         .map_err(|e| Error::io("starting the runtime", e))?;
     let probes = ProbeState::new();
-    let supervisor = Supervisor::new(settings, command, listeners, logs.clone(), probes.clone());
+    let metrics = Arc::new(Metrics::new());
+    let supervisor = Supervisor::new(
+        settings,
+        command,
+        listeners,
+        logs.clone(),
+        probes.clone(),
+        metrics.clone(),
+    );
     let outcome = runtime.block_on(async move {
         if let Some(listener) = probe_listener {
             tokio::spawn(async move {
-                if let Err(e) = probes::serve(listener, probes).await {
+                if let Err(e) = probes::serve(listener, probes, metrics).await {
                     tracing::error!(error = %e, "the probe server stopped");
                 }
             });

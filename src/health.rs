@@ -28,6 +28,16 @@ pub enum Verdict {
 }
 
 impl Verdict {
+    /// The reason label of the restarts metric.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Verdict::Suspect { .. } | Verdict::Unresponsive { .. } => "blocked",
+            Verdict::Saturated { .. } => "saturated",
+            Verdict::Memory { .. } => "memory",
+            Verdict::Rolling => "rolling_restart",
+        }
+    }
+
     /// A short reason for logs.
     pub fn reason(&self) -> String {
         match self {

@@ -10,7 +10,7 @@
 //! of locks, and it makes PR_SET_PDEATHSIG reliable (children are forked
 //! from the main thread, which lives as long as the process).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,6 +23,7 @@ use crate::config::Settings;
 use crate::health::{Tracker, Verdict};
 use crate::listeners::Listeners;
 use crate::telemetry::logs::Logs;
+use crate::telemetry::metrics::{Metrics, Snapshot, WorkerSample};
 use crate::telemetry::probes::ProbeState;
 use crate::worker::{
     self, AgentMessage, Command, Event, State, SupervisorMessage, Worker, WorkerEvent,
@@ -92,6 +93,9 @@ pub struct Supervisor {
     listeners: Listeners,
     logs: Logs,
     probes: Arc<ProbeState>,
+    metrics: Arc<Metrics>,
+    /// Restarts and replacements by reason, for the metrics.
+    restarts: BTreeMap<&'static str, u64>,
     slots: Vec<Slot>,
     next_id: u64,
     events_tx: mpsc::UnboundedSender<WorkerEvent>,
@@ -125,6 +129,7 @@ impl Supervisor {
         listeners: Listeners,
         logs: Logs,
         probes: Arc<ProbeState>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         let (events_tx, events) = mpsc::unbounded_channel();
         let slots = (0..settings.workers)
@@ -145,6 +150,8 @@ impl Supervisor {
             listeners,
             logs,
             probes,
+            metrics,
+            restarts: BTreeMap::new(),
             slots,
             next_id: 0,
             events_tx,
@@ -213,6 +220,7 @@ impl Supervisor {
                 slot.worker = Some(w);
             }
             Err(e) => {
+                *self.restarts.entry("spawn_error").or_default() += 1;
                 slot.failures += 1;
                 let delay = backoff(&self.settings, slot.failures);
                 error!(
@@ -356,6 +364,12 @@ impl Supervisor {
         }
         slot.failures += 1;
         let delay = backoff(settings, slot.failures);
+        let kind = match (&slot.kill_reason, w.ready_at) {
+            (Some(_), _) => "start_timeout",
+            (None, Some(_)) => "crash",
+            (None, None) => "start_failure",
+        };
+        *self.restarts.entry(kind).or_default() += 1;
         let reason = slot.kill_reason.take().unwrap_or_else(|| {
             if w.ready_at.is_some() {
                 format!("crashed ({how})")
@@ -393,6 +407,7 @@ impl Supervisor {
         let Some(mut old) = slot.worker.take() else {
             return;
         };
+        *self.restarts.entry(verdict.kind()).or_default() += 1;
         let reason = verdict.reason();
         let hb = old.tracker.last.clone().unwrap_or_default();
         warn!(
@@ -605,7 +620,34 @@ impl Supervisor {
         }
         let ready = self.slots.iter().filter(|s| s.accepting()).count();
         self.probes.set_workers(ready, self.slots.len());
+        self.publish_metrics();
         self.advance_rolling();
+    }
+
+    fn publish_metrics(&self) {
+        let mut states: BTreeMap<&'static str, u64> = BTreeMap::new();
+        for w in self.processes() {
+            let state = if w.suspect {
+                "suspect"
+            } else {
+                w.state.as_str()
+            };
+            *states.entry(state).or_default() += 1;
+        }
+        let workers = self
+            .slots
+            .iter()
+            .map(|s| WorkerSample {
+                slot: s.index,
+                heartbeat: s.worker.as_ref().and_then(|w| w.tracker.last.clone()),
+            })
+            .collect();
+        self.metrics.publish(Snapshot {
+            service: self.service.to_string(),
+            workers,
+            states,
+            restarts: self.restarts.clone(),
+        });
     }
 
     fn start_rolling_restart(&mut self, why: &str) {

@@ -178,7 +178,10 @@ fn a_blocked_worker_is_routed_around_and_replaced() {
 
     let failed: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
     let ok = results.len() - failed.len();
-    println!("blocked worker: {ok} of {} requests succeeded", results.len());
+    println!(
+        "blocked worker: {ok} of {} requests succeeded",
+        results.len()
+    );
     assert!(
         ok * 100 >= results.len() * 99,
         "{} of {} requests failed: {failed:?}",

@@ -217,7 +217,8 @@ impl Default for HealthConfig {
 }
 
 /// The supervisor's own HTTP server: Kubernetes probes (`/live`, `/ready`,
-/// `/status`). Answered by the supervisor, never by a worker.
+/// `/status`) and Prometheus `/metrics`. Answered by the supervisor, never
+/// by a worker.
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {

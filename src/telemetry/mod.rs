@@ -1,5 +1,7 @@
 //! What the runtime tells the outside world: the one log stream on stdout
-//! (supervisor events and every worker's output) and the Kubernetes probes.
+//! (supervisor events and every worker's output), the Kubernetes probes and
+//! Prometheus metrics.
 
 pub mod logs;
+pub mod metrics;
 pub mod probes;

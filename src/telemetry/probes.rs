@@ -1,7 +1,7 @@
-//! Kubernetes probes, served by the supervisor on the metrics port:
-//! `/live` (and its alias `/status`) and `/ready`. They read state that the
-//! supervisor publishes; they never ask a worker anything, so they answer
-//! while every worker is busy or blocked.
+//! The supervisor's HTTP server on the metrics port: Kubernetes probes
+//! (`/live`, its alias `/status`, `/ready`) and Prometheus `/metrics`. All
+//! read state that the supervisor publishes; they never ask a worker
+//! anything, so they answer while every worker is busy or blocked.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -11,6 +11,8 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
+
+use super::metrics::Metrics;
 
 /// How long the supervisor's loop may go without ticking before `/live`
 /// says it is stuck.
@@ -63,19 +65,37 @@ impl ProbeState {
     }
 }
 
-pub fn router(state: Arc<ProbeState>) -> Router {
-    Router::new()
+pub fn router(state: Arc<ProbeState>, metrics: Arc<Metrics>) -> Router {
+    let probes = Router::new()
         .route("/live", get(live))
         .route("/status", get(live))
         .route("/ready", get(ready))
-        .with_state(state)
+        .with_state(state);
+    let metrics = Router::new()
+        .route("/metrics", get(render_metrics))
+        .with_state(metrics);
+    probes.merge(metrics)
 }
 
-/// Serves the probes until the process ends.
-pub async fn serve(listener: std::net::TcpListener, state: Arc<ProbeState>) -> std::io::Result<()> {
+/// Serves probes and metrics until the process ends.
+pub async fn serve(
+    listener: std::net::TcpListener,
+    state: Arc<ProbeState>,
+    metrics: Arc<Metrics>,
+) -> std::io::Result<()> {
     listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
-    axum::serve(listener, router(state)).await
+    axum::serve(listener, router(state, metrics)).await
+}
+
+async fn render_metrics(State(m): State<Arc<Metrics>>) -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        m.render(),
+    )
 }
 
 async fn live(State(s): State<Arc<ProbeState>>) -> (StatusCode, String) {

@@ -46,6 +46,8 @@ pub struct Heartbeat {
     pub inflight: u64,
     /// Requests since the worker started.
     pub requests: u64,
+    /// CPU time (user + system) since the worker started, in microseconds.
+    pub cpu_us: u64,
 }
 
 /// What the supervisor asks of the agent.

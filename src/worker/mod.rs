@@ -33,6 +33,16 @@ pub enum State {
     Draining,
 }
 
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Starting => "starting",
+            State::Ready => "ready",
+            State::Draining => "draining",
+        }
+    }
+}
+
 /// What a worker's tasks tell the supervisor.
 #[derive(Debug)]
 pub enum Event {

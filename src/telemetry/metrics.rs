@@ -1,0 +1,246 @@
+//! Prometheus metrics, rendered at scrape time from the latest state the
+//! supervisor published: its own numbers and each worker's last heartbeat.
+//! A scrape never waits on a worker.
+//!
+//! Per-worker series carry `service` and `worker` (the slot) labels and use
+//! the names prom-client and Watt users already chart
+//! (`nodejs_eventloop_utilization`, `nodejs_heap_size_used_bytes`, ...).
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+use std::time::Instant;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::worker::Heartbeat;
+
+/// One slot's current worker, as of the last event.
+#[derive(Debug, Clone)]
+pub struct WorkerSample {
+    pub slot: usize,
+    pub heartbeat: Option<Heartbeat>,
+}
+
+/// What the supervisor publishes for the metrics endpoint.
+#[derive(Debug, Default, Clone)]
+pub struct Snapshot {
+    pub service: String,
+    pub workers: Vec<WorkerSample>,
+    /// Processes by state (starting, ready, draining, suspect).
+    pub states: BTreeMap<&'static str, u64>,
+    /// Restarts and replacements by reason since start.
+    pub restarts: BTreeMap<&'static str, u64>,
+}
+
+pub struct Metrics {
+    started: Instant,
+    snapshot: Mutex<Snapshot>,
+}
+
+type Labels = Vec<(&'static str, String)>;
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+impl Metrics {
+    pub fn new() -> Self {
+        Metrics {
+            started: Instant::now(),
+            snapshot: Mutex::new(Snapshot::default()),
+        }
+    }
+
+    pub fn publish(&self, snapshot: Snapshot) {
+        if let Ok(mut s) = self.snapshot.lock() {
+            *s = snapshot;
+        }
+    }
+
+    /// The Prometheus text exposition of everything known now.
+    pub fn render(&self) -> String {
+        let snap = self.snapshot.lock().map(|s| s.clone()).unwrap_or_default();
+        let mut registry = Registry::default();
+        let service = snap.service.clone();
+
+        let workers = family::<Gauge>(&mut registry, "ampere_workers", "Worker processes by state");
+        for (state, n) in &snap.states {
+            workers
+                .get_or_create(&vec![
+                    ("service", service.clone()),
+                    ("state", (*state).to_owned()),
+                ])
+                .set(*n as i64);
+        }
+        let restarts = family::<Counter>(
+            &mut registry,
+            "ampere_worker_restarts",
+            "Worker restarts and replacements by reason",
+        );
+        for (reason, n) in &snap.restarts {
+            restarts
+                .get_or_create(&vec![
+                    ("service", service.clone()),
+                    ("reason", (*reason).to_owned()),
+                ])
+                .inc_by(*n);
+        }
+        let uptime = FloatGauge::default();
+        uptime.set(self.started.elapsed().as_secs_f64());
+        registry.register(
+            "ampere_uptime_seconds",
+            "Seconds since the supervisor started",
+            uptime,
+        );
+        let (rss, cpu) = own_usage();
+        let own_rss = Gauge::<i64>::default();
+        own_rss.set(rss as i64);
+        registry.register(
+            "ampere_supervisor_resident_memory_bytes",
+            "Resident memory of the supervisor process",
+            own_rss,
+        );
+        let own_cpu = Counter::<f64, AtomicU64>::default();
+        own_cpu.inc_by(cpu);
+        registry.register(
+            "ampere_supervisor_cpu_seconds",
+            "CPU time (user + system) of the supervisor process",
+            own_cpu,
+        );
+
+        let elu = family::<FloatGauge>(
+            &mut registry,
+            "nodejs_eventloop_utilization",
+            "Event-loop utilisation over the last heartbeat interval",
+        );
+        let lag_p50 = family::<FloatGauge>(
+            &mut registry,
+            "nodejs_eventloop_lag_p50_seconds",
+            "Event-loop delay, 50th percentile",
+        );
+        let lag_p99 = family::<FloatGauge>(
+            &mut registry,
+            "nodejs_eventloop_lag_p99_seconds",
+            "Event-loop delay, 99th percentile",
+        );
+        let lag_max = family::<FloatGauge>(
+            &mut registry,
+            "nodejs_eventloop_lag_max_seconds",
+            "Event-loop delay, maximum",
+        );
+        let heap_used = family::<Gauge>(
+            &mut registry,
+            "nodejs_heap_size_used_bytes",
+            "V8 heap in use",
+        );
+        let heap_total = family::<Gauge>(
+            &mut registry,
+            "nodejs_heap_size_total_bytes",
+            "V8 heap allocated",
+        );
+        let heap_limit = family::<Gauge>(
+            &mut registry,
+            "nodejs_heap_space_limit_bytes",
+            "V8 old-space limit",
+        );
+        let rss = family::<Gauge>(
+            &mut registry,
+            "process_resident_memory_bytes",
+            "Resident memory of the worker",
+        );
+        let cpu = family::<Counter<f64, AtomicU64>>(
+            &mut registry,
+            "process_cpu_seconds",
+            "CPU time (user + system) of the worker",
+        );
+        let inflight = family::<Gauge>(
+            &mut registry,
+            "http_requests_in_flight",
+            "Requests being handled",
+        );
+        let requests = family::<Counter>(
+            &mut registry,
+            "http_requests",
+            "Requests received by the worker since it started",
+        );
+        for w in &snap.workers {
+            let Some(hb) = &w.heartbeat else { continue };
+            let labels: Labels = vec![("service", service.clone()), ("worker", w.slot.to_string())];
+            elu.get_or_create(&labels).set(hb.elu);
+            lag_p50.get_or_create(&labels).set(hb.delay_p50_ms / 1e3);
+            lag_p99.get_or_create(&labels).set(hb.delay_p99_ms / 1e3);
+            lag_max.get_or_create(&labels).set(hb.delay_max_ms / 1e3);
+            heap_used.get_or_create(&labels).set(hb.heap_used as i64);
+            heap_total.get_or_create(&labels).set(hb.heap_total as i64);
+            heap_limit.get_or_create(&labels).set(hb.heap_limit as i64);
+            rss.get_or_create(&labels).set(hb.rss as i64);
+            cpu.get_or_create(&labels).inc_by(hb.cpu_us as f64 / 1e6);
+            inflight.get_or_create(&labels).set(hb.inflight as i64);
+            requests.get_or_create(&labels).inc_by(hb.requests);
+        }
+
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Registers a labelled family and returns a handle to fill it.
+fn family<M>(registry: &mut Registry, name: &str, help: &str) -> Family<Labels, M>
+where
+    M: prometheus_client::metrics::TypedMetric
+        + prometheus_client::encoding::EncodeMetric
+        + Default
+        + Send
+        + Sync
+        + std::fmt::Debug
+        + 'static,
+{
+    let family = Family::<Labels, M>::default();
+    registry.register(name, help, family.clone());
+    family
+}
+
+/// This process's resident memory (bytes) and CPU time (seconds).
+fn own_usage() -> (u64, f64) {
+    use nix::unistd::{SysconfVar, sysconf};
+    let page = sysconf(SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .map_or(4096, |v| v as u64);
+    let ticks = sysconf(SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .map_or(100.0, |v| v as f64);
+    let rss = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .map_or(0, |pages| pages * page);
+    let cpu = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let rest = s
+                .rsplit(") ")
+                .next()?
+                .split_whitespace()
+                .collect::<Vec<_>>();
+            let utime: f64 = rest.get(11)?.parse().ok()?;
+            let stime: f64 = rest.get(12)?.parse().ok()?;
+            Some((utime + stime) / ticks)
+        })
+        .unwrap_or(0.0);
+    (rss, cpu)
+}

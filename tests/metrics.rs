@@ -1,0 +1,113 @@
+//! Prometheus metrics on the supervisor's own HTTP server: per-worker series
+//! from the heartbeats, request counts that match what was sent, and a
+//! scrape that answers while every worker is blocked.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const READY: Duration = Duration::from_secs(30);
+
+fn scrape(ampere: &Ampere) -> prometheus_parse::Scrape {
+    let r = ampere.probe("/metrics").expect("/metrics answers");
+    assert_eq!(r.status, 200);
+    prometheus_parse::Scrape::parse(r.body.lines().map(|l| Ok(l.to_owned())))
+        .expect("valid exposition format")
+}
+
+fn value(s: &prometheus_parse::Sample) -> f64 {
+    match s.value {
+        prometheus_parse::Value::Counter(v)
+        | prometheus_parse::Value::Gauge(v)
+        | prometheus_parse::Value::Untyped(v) => v,
+        _ => f64::NAN,
+    }
+}
+
+fn sum(scrape: &prometheus_parse::Scrape, name: &str) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name)
+        .map(value)
+        .sum()
+}
+
+#[test]
+fn per_worker_series_and_request_counts() {
+    let mut ampere = Ampere::start(&fixture("hello"), &["--workers", "2"]);
+    ampere.wait_ready(2, READY);
+    pids_of_requests(ampere.addr(), "/", 300);
+    // Counts arrive with the next heartbeat (every 500 ms).
+    wait_until(READY, "the metrics to count 300 requests", || {
+        sum(&scrape(&ampere), "http_requests_total") == 300.0
+    });
+    let scrape = scrape(&ampere);
+    for name in [
+        "nodejs_eventloop_utilization",
+        "nodejs_eventloop_lag_p99_seconds",
+        "nodejs_heap_size_used_bytes",
+        "nodejs_heap_size_total_bytes",
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+        "http_requests_in_flight",
+        "http_requests_total",
+    ] {
+        for worker in ["0", "1"] {
+            let found = scrape.samples.iter().any(|s| {
+                s.metric == name
+                    && s.labels.get("worker") == Some(worker)
+                    && s.labels.get("service") == Some("fixture-hello")
+            });
+            assert!(found, "no {name} for worker {worker}");
+        }
+    }
+    let ready = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == "ampere_workers" && s.labels.get("state") == Some("ready"))
+        .expect("ampere_workers{state=ready}");
+    assert_eq!(value(ready), 2.0);
+    assert!(sum(&scrape, "ampere_supervisor_resident_memory_bytes") > 0.0);
+    assert!(sum(&scrape, "nodejs_heap_size_used_bytes") > 0.0);
+}
+
+#[test]
+fn restarts_are_counted_by_reason() {
+    let mut ampere = Ampere::start(&fixture("hello"), &["--workers", "1"]);
+    let pid = ampere.wait_ready(1, READY)[0];
+    signal(pid, Signal::SIGKILL);
+    wait_until(READY, "the crash to be counted", || {
+        scrape(&ampere).samples.iter().any(|s| {
+            s.metric == "ampere_worker_restarts_total"
+                && s.labels.get("reason") == Some("crash")
+                && value(s) == 1.0
+        })
+    });
+}
+
+#[test]
+fn metrics_answer_while_every_worker_is_blocked() {
+    let config = hello_config("[health]\nenabled = false\n");
+    let mut ampere = Ampere::start(
+        &fixture("hello"),
+        &["--workers", "2", "--config", &config.path],
+    );
+    let workers = ampere.wait_ready(2, READY);
+    for pid in &workers {
+        signal(*pid, Signal::SIGSTOP);
+    }
+    // `probe` has a 1 s client timeout.
+    let scrape = scrape(&ampere);
+    assert!(
+        scrape
+            .samples
+            .iter()
+            .any(|s| s.metric == "ampere_uptime_seconds")
+    );
+    for pid in &workers {
+        signal(*pid, Signal::SIGCONT);
+    }
+}
