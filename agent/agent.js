@@ -15,6 +15,12 @@ const CONTROL_FD = Number(process.env.AMPERE_CONTROL_FD);
 const PORT = Number(process.env.AMPERE_PORT);
 const HEARTBEAT_MS = Number(process.env.AMPERE_HEARTBEAT_MS) || 1000;
 const IDLE_GRACE_MS = 1000;
+// Request durations: off with AMPERE_REQUEST_METRICS=0 ([metrics] requests).
+const TIME_REQUESTS = process.env.AMPERE_REQUEST_METRICS !== '0';
+// prom-client's default buckets, in seconds; the last count is +Inf.
+const BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10];
+const METHODS = ['GET', 'HEAD', 'POST', 'PUT', 'DELETE', 'PATCH', 'OPTIONS', 'OTHER'];
+const METHOD_INDEX = { GET: 0, HEAD: 1, POST: 2, PUT: 3, DELETE: 4, PATCH: 5, OPTIONS: 6 };
 
 // The descriptors belong to this process only: children that the app spawns
 // (and that may preload this file through NODE_OPTIONS) must not adopt them.
@@ -62,9 +68,35 @@ function start() {
   let draining = false;
   let inflight = 0;
   let requests = 0;
-  const onResponseClose = () => {
+  // Durations since the last heartbeat, keyed by method index * 1000 +
+  // status: [sum, count per bucket..., count over the last bucket].
+  let histogram = new Map();
+  const kStart = Symbol('ampere.start');
+  // Shared by every response ('close' calls it with the response as this),
+  // so counting allocates nothing per request.
+  function onResponseClose() {
     inflight--;
-  };
+    if (!TIME_REQUESTS) return;
+    const seconds = (performance.now() - this[kStart]) / 1000;
+    const key = (METHOD_INDEX[this.req?.method] ?? 7) * 1000 + this.statusCode;
+    let h = histogram.get(key);
+    if (h === undefined) {
+      h = new Array(BUCKETS.length + 2).fill(0);
+      histogram.set(key, h);
+    }
+    h[0] += seconds;
+    let i = 0;
+    while (i < BUCKETS.length && seconds > BUCKETS[i]) i++;
+    h[i + 1]++;
+  }
+  function takeHistogram() {
+    const out = [];
+    for (const [key, h] of histogram) {
+      out.push({ method: METHODS[Math.floor(key / 1000)], status: key % 1000, sum: h[0], counts: h.slice(1) });
+    }
+    histogram = new Map();
+    return out;
+  }
 
   const origListen = net.Server.prototype.listen;
   net.Server.prototype.listen = function listen(...args) {
@@ -95,6 +127,7 @@ function start() {
       const counted = function (req, res) {
         inflight++;
         requests++;
+        if (TIME_REQUESTS) res[kStart] = performance.now();
         res.on('close', onResponseClose);
         return handler.call(this, req, res);
       };
@@ -105,6 +138,7 @@ function start() {
       srv.prependListener('request', (req, res) => {
         inflight++;
         requests++;
+        if (TIME_REQUESTS) res[kStart] = performance.now();
         res.on('close', onResponseClose);
       });
     }
@@ -163,6 +197,7 @@ function start() {
       heap_limit: heapLimit,
       rss: process.memoryUsage.rss(),
       cpu_us: cpuUs(),
+      http: takeHistogram(),
       inflight,
       requests,
     });

@@ -138,10 +138,11 @@ LOAD_PIN = []
 PIN = []  # e.g. ["taskset", "-c", "1"]: servers on CPU 1, load on CPU 0
 
 
-def start_ampere(ampere, node, port, workers):
+def start_ampere(ampere, node, port, workers, request_metrics=True):
     config = TOOLS / f"ampere-bench-{port}.toml"
     config.write_text(
         f'[app]\ndir = "{APP}"\n[node]\nexecutable = "{node}"\n[logger]\nlevel = "warn"\n'
+        f'[metrics]\nenabled = false\nrequests = {"true" if request_metrics else "false"}\n'
     )
     p = subprocess.Popen(
         PIN + [str(ampere), "start", "--config", str(config), "--host", HOST,
@@ -212,6 +213,8 @@ def main():
     ap.add_argument("--connections", type=int, default=50)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--ampere", type=Path, default=None, help="ampere binary (default: build release)")
+    ap.add_argument("--setups", default="ampere,bare",
+                    help="comma-separated: ampere, bare, ampere-untimed (request durations off)")
     ap.add_argument("--modes", default="keep-alive,new-connection",
                     help="comma-separated: keep-alive, new-connection")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -232,14 +235,17 @@ def main():
         ampere = ROOT / "target" / "release" / "ampere"
 
     modes = [m for m in args.modes.split(",") if m]
+    setups = [s for s in args.setups.split(",") if s]
     runs = []
     for rnd in range(args.rounds):
         for mode in modes:
-            order = ["ampere", "bare"] if rnd % 2 == 0 else ["bare", "ampere"]
+            order = setups if rnd % 2 == 0 else setups[::-1]
             for name in order:
                 port = free_port()
-                if name == "ampere":
-                    setup, ready = start_ampere(ampere, node, port, args.workers)
+                if name.startswith("ampere"):
+                    setup, ready = start_ampere(ampere, node, port, args.workers,
+                                                request_metrics=name != "ampere-untimed")
+                    setup.name = name
                 else:
                     setup, ready = start_bare(node, port, args.workers)
                 try:
@@ -254,12 +260,16 @@ def main():
     summary = {}
     for mode in modes:
         summary[mode] = {}
-        for name in ["ampere", "bare"]:
+        for name in setups:
             rs = [r for r in runs if r["mode"] == mode and r["setup"] == name]
             summary[mode][name] = {k: spread([r[k] for r in rs])
                                    for k in ["rps", "p50_ms", "p99_ms", "cpu_us_per_req", "rss_mib"]}
-        a, b = summary[mode]["ampere"], summary[mode]["bare"]
-        summary[mode]["ratio"] = {k: a[k]["median"] / b[k]["median"] for k in a}
+        if "ampere" in setups and "bare" in setups:
+            a, b = summary[mode]["ampere"], summary[mode]["bare"]
+            summary[mode]["ratio"] = {k: a[k]["median"] / b[k]["median"] for k in a}
+        if "ampere" in setups and "ampere-untimed" in setups:
+            a, b = summary[mode]["ampere"], summary[mode]["ampere-untimed"]
+            summary[mode]["ratio_timed_untimed"] = {k: a[k]["median"] / b[k]["median"] for k in a}
 
     node_version = subprocess.run([str(node), "--version"], capture_output=True, text=True).stdout.strip()
     oha_version = subprocess.run([oha, "--version"], capture_output=True, text=True).stdout.strip()
@@ -285,13 +295,15 @@ def main():
     ]
     fmt = lambda s, d: f"{s['median']:.{d}f} ({s['min']:.{d}f}..{s['max']:.{d}f})"
     for mode in modes:
-        for name in ["ampere", "bare"]:
+        for name in setups:
             s = summary[mode][name]
             lines.append(f"| {mode} | {name} | {fmt(s['rps'], 0)} | {fmt(s['p50_ms'], 3)} | "
                          f"{fmt(s['p99_ms'], 3)} | {fmt(s['cpu_us_per_req'], 1)} | {fmt(s['rss_mib'], 1)} |")
-        r = summary[mode]["ratio"]
-        lines.append(f"| {mode} | **ratio** | **{r['rps']:.3f}** | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | "
-                     f"**{r['cpu_us_per_req']:.3f}** | {r['rss_mib']:.3f} |")
+        for key, label in [("ratio", "ampere / bare"), ("ratio_timed_untimed", "ampere / ampere-untimed")]:
+            if key in summary[mode]:
+                r = summary[mode][key]
+                lines.append(f"| {mode} | **{label}** | **{r['rps']:.3f}** | {r['p50_ms']:.3f} | "
+                             f"{r['p99_ms']:.3f} | **{r['cpu_us_per_req']:.3f}** | {r['rss_mib']:.3f} |")
     table = "\n".join(lines) + "\n"
     print(table)
 

@@ -25,6 +25,7 @@ use crate::listeners::Listeners;
 use crate::telemetry::logs::Logs;
 use crate::telemetry::metrics::{Metrics, Snapshot, WorkerSample};
 use crate::telemetry::probes::ProbeState;
+use crate::worker::control::{HTTP_BUCKETS, HttpDurations};
 use crate::worker::{
     self, AgentMessage, Command, Event, State, SupervisorMessage, Worker, WorkerEvent,
 };
@@ -58,6 +59,8 @@ struct Slot {
     restart_at: Option<Instant>,
     /// Why we killed the current worker, if we did (e.g. a start timeout).
     kill_reason: Option<String>,
+    /// Request durations of every process that served in this slot.
+    http: BTreeMap<(String, u16), HttpDurations>,
 }
 
 impl Slot {
@@ -140,6 +143,7 @@ impl Supervisor {
                 failures: 0,
                 restart_at: None,
                 kill_reason: None,
+                http: BTreeMap::new(),
             })
             .collect();
         Supervisor {
@@ -269,6 +273,7 @@ impl Supervisor {
             Some(i) => &mut slot.retiring[i].worker,
             None => slot.worker.as_mut().expect("checked above"),
         };
+        let mut durations = Vec::new();
         let action = match ev.event {
             Event::Exited(_) => Action::None,
             Event::BadMessage(e) => {
@@ -304,7 +309,8 @@ impl Supervisor {
                 );
                 Action::None
             }
-            Event::Message(AgentMessage::Heartbeat(hb)) => {
+            Event::Message(AgentMessage::Heartbeat(mut hb)) => {
+                durations = std::mem::take(&mut hb.http);
                 let verdict = w.tracker.beat(hb, health, now);
                 if w.suspect {
                     w.suspect = false;
@@ -341,6 +347,22 @@ impl Supervisor {
             }
             Event::Message(AgentMessage::Unknown) => Action::None,
         };
+        // Request durations add up per slot, across the processes in it.
+        let slot_http = &mut self.slots[index].http;
+        for d in durations {
+            let acc = slot_http
+                .entry((d.method.clone(), d.status))
+                .or_insert_with(|| HttpDurations {
+                    method: d.method,
+                    status: d.status,
+                    sum: 0.0,
+                    counts: vec![0; HTTP_BUCKETS.len() + 1],
+                });
+            acc.sum += d.sum;
+            for (total, n) in acc.counts.iter_mut().zip(&d.counts) {
+                *total += n;
+            }
+        }
         match action {
             Action::None => {}
             Action::Replace(v) => self.replace(index, &v),
@@ -640,6 +662,7 @@ impl Supervisor {
             .map(|s| WorkerSample {
                 slot: s.index,
                 heartbeat: s.worker.as_ref().and_then(|w| w.tracker.last.clone()),
+                http: s.http.values().cloned().collect(),
             })
             .collect();
         self.metrics.publish(Snapshot {

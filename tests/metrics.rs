@@ -35,14 +35,36 @@ fn sum(scrape: &prometheus_parse::Scrape, name: &str) -> f64 {
         .sum()
 }
 
+/// Requests counted by the duration histogram for GET / 200, all workers:
+/// the sum of the +Inf buckets.
+fn timed_get_200(scrape: &prometheus_parse::Scrape) -> u64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| {
+            s.metric == "http_request_duration_seconds"
+                && s.labels.get("method") == Some("GET")
+                && s.labels.get("status_code") == Some("200")
+        })
+        .map(|s| match &s.value {
+            prometheus_parse::Value::Histogram(buckets) => {
+                buckets.iter().map(|b| b.count as u64).max().unwrap_or(0)
+            }
+            other => panic!("not a histogram: {other:?}"),
+        })
+        .sum()
+}
+
 #[test]
 fn per_worker_series_and_request_counts() {
     let mut ampere = Ampere::start(&fixture("hello"), &["--workers", "2"]);
     ampere.wait_ready(2, READY);
     pids_of_requests(ampere.addr(), "/", 300);
-    // Counts arrive with the next heartbeat (every 500 ms).
+    // Counts arrive with the next heartbeat (every 500 ms); a duration is
+    // counted when the response closes, a request when it arrives.
     wait_until(READY, "the metrics to count 300 requests", || {
-        sum(&scrape(&ampere), "http_requests_total") == 300.0
+        let s = scrape(&ampere);
+        sum(&s, "http_requests_total") == 300.0 && timed_get_200(&s) == 300
     });
     let scrape = scrape(&ampere);
     for name in [
@@ -71,6 +93,17 @@ fn per_worker_series_and_request_counts() {
         .expect("ampere_workers{state=ready}");
     assert_eq!(value(ready), 2.0);
     assert!(sum(&scrape, "ampere_supervisor_resident_memory_bytes") > 0.0);
+    let buckets = scrape
+        .samples
+        .iter()
+        .find(|s| {
+            s.metric == "http_request_duration_seconds" && s.labels.get("worker") == Some("0")
+        })
+        .map(|s| match &s.value {
+            prometheus_parse::Value::Histogram(b) => b.len(),
+            _ => 0,
+        });
+    assert_eq!(buckets, Some(12), "11 bounds and +Inf");
     assert!(sum(&scrape, "nodejs_heap_size_used_bytes") > 0.0);
 }
 

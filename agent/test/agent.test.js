@@ -90,9 +90,15 @@ test('the app listen() on the service port adopts the inherited socket', async (
     assert.strictEqual(res.status, 200);
     assert.strictEqual(Number(res.body), w.child.pid);
     const hb = await w.next('heartbeat');
-    for (const key of ['elu', 'delay_p99_ms', 'heap_used', 'heap_limit', 'rss', 'inflight', 'requests']) {
+    for (const key of ['elu', 'delay_p99_ms', 'heap_used', 'heap_limit', 'rss', 'inflight', 'requests', 'cpu_us']) {
       assert.strictEqual(typeof hb[key], 'number', key);
     }
+    // The request's duration arrives with a heartbeat, once.
+    let timed = hb.http;
+    while (timed.length === 0) timed = (await w.next('heartbeat')).http;
+    assert.deepStrictEqual(timed.map((h) => [h.method, h.status, h.counts.reduce((a, b) => a + b)]), [['GET', 200, 1]]);
+    assert.strictEqual(timed[0].counts.length, 12);
+    assert.deepStrictEqual((await w.next('heartbeat')).http, []);
   } finally {
     w.child.kill('SIGKILL');
   }

@@ -225,6 +225,9 @@ pub struct MetricsConfig {
     pub enabled: bool,
     pub host: EnvString,
     pub port: Port,
+    /// Time every request in the agent for `http_request_duration_seconds`
+    /// (two clock reads and a bucket increment per request).
+    pub requests: bool,
 }
 
 impl Default for MetricsConfig {
@@ -233,6 +236,7 @@ impl Default for MetricsConfig {
             enabled: true,
             host: "0.0.0.0".into(),
             port: Port(9090),
+            requests: true,
         }
     }
 }

@@ -18,12 +18,15 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::worker::Heartbeat;
+use crate::worker::control::{HTTP_BUCKETS, HttpDurations};
 
 /// One slot's current worker, as of the last event.
 #[derive(Debug, Clone)]
 pub struct WorkerSample {
     pub slot: usize,
     pub heartbeat: Option<Heartbeat>,
+    /// Request durations in this slot since the runtime started.
+    pub http: Vec<HttpDurations>,
 }
 
 /// What the supervisor publishes for the metrics endpoint.
@@ -165,6 +168,22 @@ impl Metrics {
             "http_requests",
             "Requests received by the worker since it started",
         );
+        let durations = family::<Durations>(
+            &mut registry,
+            "http_request_duration_seconds",
+            "Request durations (from the request event to the response's close), by method and status code",
+        );
+        for w in &snap.workers {
+            for d in &w.http {
+                let labels: Labels = vec![
+                    ("service", service.clone()),
+                    ("worker", w.slot.to_string()),
+                    ("method", d.method.clone()),
+                    ("status_code", d.status.to_string()),
+                ];
+                durations.get_or_create(&labels).set(d);
+            }
+        }
         for w in &snap.workers {
             let Some(hb) = &w.heartbeat else { continue };
             let labels: Labels = vec![("service", service.clone()), ("worker", w.slot.to_string())];
@@ -191,6 +210,48 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// A histogram whose buckets were counted elsewhere (by the agents): set,
+/// not observed.
+#[derive(Debug, Default)]
+struct Durations(Mutex<(f64, Vec<u64>)>);
+
+impl Durations {
+    fn set(&self, d: &HttpDurations) {
+        if let Ok(mut inner) = self.0.lock() {
+            *inner = (d.sum, d.counts.clone());
+        }
+    }
+}
+
+impl prometheus_client::metrics::TypedMetric for Durations {
+    const TYPE: prometheus_client::metrics::MetricType =
+        prometheus_client::metrics::MetricType::Histogram;
+}
+
+impl prometheus_client::encoding::EncodeMetric for Durations {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::MetricEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        let (sum, counts) = self.0.lock().map(|i| i.clone()).unwrap_or_default();
+        // Per-bucket counts; the encoder makes them cumulative. The last
+        // bound is +Inf.
+        let buckets: Vec<(f64, u64)> = HTTP_BUCKETS
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::MAX))
+            .zip(counts.iter().copied().chain(std::iter::repeat(0)))
+            .collect();
+        let count = counts.iter().sum();
+        encoder
+            .encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        prometheus_client::metrics::MetricType::Histogram
     }
 }
 

@@ -48,7 +48,26 @@ pub struct Heartbeat {
     pub requests: u64,
     /// CPU time (user + system) since the worker started, in microseconds.
     pub cpu_us: u64,
+    /// Request durations since the previous heartbeat.
+    pub http: Vec<HttpDurations>,
 }
+
+/// Durations of the requests with one method and status code, counted in
+/// the buckets of [`HTTP_BUCKETS`] (plus one for longer ones).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+pub struct HttpDurations {
+    pub method: String,
+    pub status: u16,
+    /// Seconds, summed.
+    pub sum: f64,
+    pub counts: Vec<u64>,
+}
+
+/// Upper bounds (seconds) of the agent's duration buckets: prom-client's
+/// defaults. Keep in step with `BUCKETS` in agent/agent.js.
+pub const HTTP_BUCKETS: [f64; 11] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 
 /// What the supervisor asks of the agent.
 #[derive(Debug, Clone, Serialize)]

@@ -104,6 +104,9 @@ impl Command {
             "AMPERE_PORT".into(),
             settings.addr.port().to_string().into(),
         ));
+        if !cfg.metrics.requests {
+            env.push(("AMPERE_REQUEST_METRICS".into(), "0".into()));
+        }
         env.push((
             "AMPERE_HEARTBEAT_MS".into(),
             cfg.worker
