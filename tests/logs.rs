@@ -91,3 +91,71 @@ fn pretty_format_is_for_people() {
     ampere.signal(Signal::SIGTERM);
     assert_eq!(ampere.wait_exit(Duration::from_secs(30)), Some(0));
 }
+
+/// A worker printing 50 MiB of log lines as fast as it can: ampere's memory
+/// stays bounded (its queue to stdout is bounded and the flooding worker is
+/// slowed down to what stdout takes), requests keep succeeding, and every
+/// line comes out (ampere drops nothing, so none is counted as dropped).
+#[test]
+fn a_log_flood_neither_grows_ampere_nor_loses_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ampere.toml");
+    let app = fixture("flood").display().to_string();
+    std::fs::write(
+        &config,
+        format!("[app]\ndir = {app:?}\n[env]\nFLOOD_MB = \"50\"\n[health]\nenabled = false\n"),
+    )
+    .unwrap();
+    let mut ampere = Ampere::start(
+        &fixture("flood"),
+        &["--workers", "2", "--config", config.to_str().unwrap()],
+    );
+    ampere.logs.count_only("flood-line");
+    ampere.wait_ready(2, Duration::from_secs(30));
+    let supervisor = ampere.child.id();
+    let mut max_rss_kib = 0u64;
+    let mut served = 0;
+    let started = std::time::Instant::now();
+    // For a while, nobody reads ampere's stdout: the flood must wait, not
+    // pile up in ampere's memory.
+    ampere.logs.pause(true);
+    let done = loop {
+        if started.elapsed() > Duration::from_secs(2) {
+            ampere.logs.pause(false);
+        }
+        let r = get(ampere.addr(), "/", Duration::from_secs(30))
+            .expect("requests succeed during the flood");
+        assert_eq!(r.status, 200);
+        served += 1;
+        let status = std::fs::read_to_string(format!("/proc/{supervisor}/status")).unwrap();
+        let rss: u64 = status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap();
+        max_rss_kib = max_rss_kib.max(rss);
+        let done = ampere
+            .logs
+            .all()
+            .into_iter()
+            .find(|l| msg_is(l, "flood done"));
+        if let Some(done) = done {
+            break done;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let written: usize = done["msg"].as_str().unwrap()["flood done ".len()..]
+        .parse()
+        .unwrap();
+    assert!(written >= 500_000, "the fixture wrote {written} lines");
+    wait_until(
+        Duration::from_secs(60),
+        "every flood line to come out",
+        || ampere.logs.counted() >= written,
+    );
+    assert_eq!(ampere.logs.counted(), written, "lines lost or duplicated");
+    println!(
+        "flood: {written} lines, {served} requests served meanwhile, ampere max RSS {max_rss_kib} KiB"
+    );
+    assert!(max_rss_kib < 64 * 1024, "ampere grew to {max_rss_kib} KiB");
+}

@@ -87,7 +87,7 @@ impl Worker {
         events: mpsc::UnboundedSender<WorkerEvent>,
         logs: &Logs,
     ) -> std::io::Result<Worker> {
-        let spawned = command.spawn(listener)?;
+        let spawned = command.spawn(slot, listener)?;
         let mut child = spawned.child;
         let pid = child.id().unwrap_or(0);
         let tail = Arc::new(Mutex::new(VecDeque::with_capacity(logs::STDERR_TAIL)));

@@ -125,8 +125,8 @@ impl Command {
         }
     }
 
-    /// Starts a process that accepts from `listener`.
-    pub fn spawn(&self, listener: BorrowedFd<'_>) -> std::io::Result<Spawned> {
+    /// Starts the process of `slot`, accepting from `listener`.
+    pub fn spawn(&self, slot: usize, listener: BorrowedFd<'_>) -> std::io::Result<Spawned> {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
         let listen_fd = listener.as_raw_fd();
         let control_fd = theirs.as_raw_fd();
@@ -138,6 +138,11 @@ impl Command {
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("AMPERE_LISTEN_FD", listen_fd.to_string())
             .env("AMPERE_CONTROL_FD", control_fd.to_string())
+            // Which worker this is, 0..N, stable across restarts: for apps
+            // that run a job in one worker only. NODE_APP_INSTANCE is PM2's
+            // name for it.
+            .env("AMPERE_WORKER", slot.to_string())
+            .env("NODE_APP_INSTANCE", slot.to_string())
             .current_dir(&self.cwd)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

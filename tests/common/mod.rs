@@ -12,6 +12,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -43,9 +44,34 @@ pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
 
 /// The log stream of a running ampere, one parsed JSON object per line.
 #[derive(Clone, Default)]
-pub struct LogLines(Arc<(Mutex<Vec<serde_json::Value>>, Condvar)>);
+pub struct LogLines(Arc<(Mutex<Vec<serde_json::Value>>, Condvar)>, Arc<Counted>);
+
+/// Lines that contain `pattern` are only counted, not kept (for floods).
+#[derive(Default)]
+pub struct Counted {
+    pub pattern: Mutex<Option<String>>,
+    pub count: std::sync::atomic::AtomicUsize,
+    /// While set, ampere's stdout is not read: a stalled log consumer.
+    pub paused: AtomicBool,
+}
 
 impl LogLines {
+    /// From now on, lines containing `pattern` are counted, not kept.
+    pub fn count_only(&self, pattern: &str) {
+        *self.1.pattern.lock().unwrap() = Some(pattern.to_owned());
+    }
+
+    /// Stops (or resumes) reading ampere's stdout.
+    pub fn pause(&self, paused: bool) {
+        self.1
+            .paused
+            .store(paused, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn counted(&self) -> usize {
+        self.1.count.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn all(&self) -> Vec<serde_json::Value> {
         self.0.0.lock().unwrap().clone()
     }
@@ -128,8 +154,19 @@ impl Ampere {
         let stdout = child.stdout.take().unwrap();
         let sink = logs.clone();
         let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
+            for line in BufReader::with_capacity(4096, stdout).lines() {
+                while sink.1.paused.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
                 let Ok(line) = line else { break };
+                if let Some(p) = &*sink.1.pattern.lock().unwrap()
+                    && line.contains(p.as_str())
+                {
+                    sink.1
+                        .count
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    continue;
+                }
                 match serde_json::from_str(&line) {
                     Ok(v) => sink.push(v),
                     Err(_) => sink.push(serde_json::json!({ "unparsed": line })),
