@@ -155,7 +155,9 @@ impl Supervisor {
             logs,
             probes,
             metrics,
-            restarts: BTreeMap::new(),
+            // Every reason from the start, at 0, so that rate() and
+            // increase() see the first one.
+            restarts: RESTART_REASONS.iter().map(|r| (*r, 0)).collect(),
             slots,
             next_id: 0,
             events_tx,
@@ -670,6 +672,7 @@ impl Supervisor {
             workers,
             states,
             restarts: self.restarts.clone(),
+            log_dropped: self.logs.dropped(),
         });
     }
 
@@ -833,6 +836,18 @@ impl Supervisor {
         }
     }
 }
+
+/// Every reason label of `ampere_worker_restarts_total`.
+const RESTART_REASONS: [&str; 8] = [
+    "crash",
+    "start_failure",
+    "start_timeout",
+    "spawn_error",
+    "blocked",
+    "saturated",
+    "memory",
+    "rolling_restart",
+];
 
 /// The delay before restarting after `failures` consecutive failures: the
 /// first restart is immediate (a healthy app that crashed once should serve

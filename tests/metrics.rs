@@ -144,3 +144,50 @@ fn metrics_answer_while_every_worker_is_blocked() {
         signal(*pid, Signal::SIGCONT);
     }
 }
+
+/// Every series the Grafana dashboard (dashboards/ampere.json) queries is
+/// one that ampere exports.
+#[test]
+fn the_dashboard_queries_only_exported_metrics() {
+    let mut ampere = Ampere::start(&fixture("hello"), &["--workers", "1"]);
+    ampere.wait_ready(1, READY);
+    pids_of_requests(ampere.addr(), "/", 1);
+    wait_until(READY, "the request's duration", || {
+        ampere
+            .probe("/metrics")
+            .unwrap()
+            .body
+            .contains("http_request_duration_seconds_count")
+    });
+    let body = ampere.probe("/metrics").unwrap().body;
+    let dashboard = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("dashboards/ampere.json"),
+    )
+    .unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
+    let mut names = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if ["ampere_", "nodejs_", "process_", "http_"]
+                    .iter()
+                    .any(|p| word.starts_with(p))
+                {
+                    names.push(word.to_owned());
+                }
+            }
+        }
+    }
+    assert!(names.len() >= 10, "{names:?}");
+    for name in names {
+        let base = ["_bucket", "_count", "_sum", "_total"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(&name);
+        assert!(
+            body.contains(&format!("# TYPE {base} ")),
+            "the dashboard queries {name}, which ampere does not export"
+        );
+    }
+}

@@ -14,10 +14,13 @@
 //! A dedicated thread writes to stdout, so a slow terminal or pipe never
 //! stalls the supervisor's event loop; the queue to it is bounded, so worker
 //! output is slowed down to what stdout takes instead of piling up here.
+//! Supervisor events never wait: one that finds the queue full is dropped,
+//! counted, and reported once there is room.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -50,6 +53,9 @@ pub struct Logs {
     pretty: bool,
     color: bool,
     min_level: u8,
+    /// Supervisor events dropped because the queue was full: (in all, not
+    /// yet reported in the stream).
+    dropped: Arc<(AtomicU64, AtomicU64)>,
 }
 
 /// Which worker stream a line came from.
@@ -104,7 +110,13 @@ impl Logs {
             pretty,
             color: pretty && terminal && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
             min_level: config.level.number(),
+            dropped: Arc::default(),
         }
+    }
+
+    /// Supervisor events dropped so far because stdout could not keep up.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.0.load(Ordering::Relaxed)
     }
 
     /// Writes everything queued so far; for the moment before exit.
@@ -140,7 +152,22 @@ impl Logs {
             line.push_str("}\n");
             line.into_bytes()
         };
-        let _ = self.tx.try_send(Item::Record(rendered));
+        // Say what was dropped before, as soon as there is room again.
+        let unreported = self.dropped.1.load(Ordering::Relaxed);
+        if unreported > 0 && self.tx.capacity() > 1 {
+            self.dropped.1.fetch_sub(unreported, Ordering::Relaxed);
+            let note = format!(
+                "{{\"level\":40,\"time\":{},\"pid\":{},\"name\":\"ampere\",\"msg\":\"dropped {unreported} supervisor log records: stdout did not keep up\"}}\n",
+                now_ms(),
+                std::process::id()
+            );
+            let _ = self.tx.try_send(Item::Record(note.into_bytes()));
+        }
+        if self.tx.try_send(Item::Record(rendered)).is_err() {
+            // Never silent: counted here, reported above and in the metrics.
+            self.dropped.0.fetch_add(1, Ordering::Relaxed);
+            self.dropped.1.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Formats one line (or piece of a line) of worker output.

@@ -38,6 +38,9 @@ pub struct Snapshot {
     pub states: BTreeMap<&'static str, u64>,
     /// Restarts and replacements by reason since start.
     pub restarts: BTreeMap<&'static str, u64>,
+    /// Supervisor log records dropped because stdout did not keep up
+    /// (worker output is never dropped: it waits).
+    pub log_dropped: u64,
 }
 
 pub struct Metrics {
@@ -90,6 +93,13 @@ impl Metrics {
                 ])
                 .inc_by(*n);
         }
+        let dropped = Counter::<u64>::default();
+        dropped.inc_by(snap.log_dropped);
+        registry.register(
+            "ampere_log_records_dropped",
+            "Supervisor log records dropped because stdout did not keep up",
+            dropped,
+        );
         let uptime = FloatGauge::default();
         uptime.set(self.started.elapsed().as_secs_f64());
         registry.register(
