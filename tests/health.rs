@@ -25,24 +25,20 @@ struct Load {
 }
 
 impl Load {
-    fn new_connections(
-        addr: std::net::SocketAddr,
-        path: &'static str,
-        clients: usize,
-        pause: Duration,
-    ) -> Load {
+    /// `clients` threads, each repeating its own `client()` (one request,
+    /// its outcome) with `pause` in between, until stopped.
+    fn run<F>(clients: usize, pause: Duration, client: impl Fn() -> F) -> Load
+    where
+        F: FnMut() -> Result<u32, String> + Send + 'static,
+    {
         let stop = Arc::new(AtomicBool::new(false));
         let results = Arc::new(Mutex::new(Vec::new()));
         let threads = (0..clients)
             .map(|_| {
-                let (stop, results) = (stop.clone(), results.clone());
+                let (stop, results, mut one) = (stop.clone(), results.clone(), client());
                 std::thread::spawn(move || {
                     while !stop.load(Ordering::Relaxed) {
-                        let r = match get(addr, path, CLIENT_TIMEOUT) {
-                            Ok(r) if r.status == 200 => Ok(r.pid()),
-                            Ok(r) => Err(format!("status {}", r.status)),
-                            Err(e) => Err(format!("{e:?}")),
-                        };
+                        let r = one();
                         results.lock().unwrap().push(r);
                         std::thread::sleep(pause);
                     }
@@ -56,50 +52,47 @@ impl Load {
         }
     }
 
+    fn new_connections(
+        addr: std::net::SocketAddr,
+        path: &'static str,
+        clients: usize,
+        pause: Duration,
+    ) -> Load {
+        Load::run(clients, pause, || {
+            move || match get(addr, path, CLIENT_TIMEOUT) {
+                Ok(r) if r.status == 200 => Ok(r.pid()),
+                Ok(r) => Err(format!("status {}", r.status)),
+                Err(e) => Err(format!("{e:?}")),
+            }
+        })
+    }
+
     /// Clients on keep-alive connections that reconnect when told to close.
     fn keep_alive(addr: std::net::SocketAddr, clients: usize, pause: Duration) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let results = Arc::new(Mutex::new(Vec::new()));
-        let threads = (0..clients)
-            .map(|_| {
-                let (stop, results) = (stop.clone(), results.clone());
-                std::thread::spawn(move || {
-                    let mut conn: Option<TcpStream> = None;
-                    while !stop.load(Ordering::Relaxed) {
-                        let stream = match conn.as_mut() {
-                            Some(s) => s,
-                            None => match TcpStream::connect(addr) {
-                                Ok(s) => conn.insert(s),
-                                Err(e) => {
-                                    results.lock().unwrap().push(Err(format!("connect: {e}")));
-                                    continue;
-                                }
-                            },
-                        };
-                        let r = match request(stream, "/", true, CLIENT_TIMEOUT) {
-                            Ok(r) if r.status == 200 => {
-                                if r.header("connection") == Some("close") {
-                                    conn = None;
-                                }
-                                Ok(r.pid())
-                            }
-                            Ok(r) => Err(format!("status {}", r.status)),
-                            Err(e) => {
-                                conn = None;
-                                Err(format!("{e:?}"))
-                            }
-                        };
-                        results.lock().unwrap().push(r);
-                        std::thread::sleep(pause);
+        Load::run(clients, pause, || {
+            let mut conn: Option<TcpStream> = None;
+            move || {
+                let stream = match conn.as_mut() {
+                    Some(s) => s,
+                    None => {
+                        conn.insert(TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?)
                     }
-                })
-            })
-            .collect();
-        Load {
-            stop,
-            results,
-            threads,
-        }
+                };
+                match request(stream, "/", true, CLIENT_TIMEOUT) {
+                    Ok(r) if r.status == 200 => {
+                        if r.header("connection") == Some("close") {
+                            conn = None;
+                        }
+                        Ok(r.pid())
+                    }
+                    Ok(r) => Err(format!("status {}", r.status)),
+                    Err(e) => {
+                        conn = None;
+                        Err(format!("{e:?}"))
+                    }
+                }
+            }
+        })
     }
 
     fn count(&self) -> usize {

@@ -83,6 +83,14 @@ pub fn detect(dir: &Path, app: &AppConfig) -> Result<(Launch, Option<String>)> {
         ));
     }
     let args: Vec<String> = app.args.iter().map(|a| a.0.clone()).collect();
+    let script = |entry| {
+        let launch = Launch::Script {
+            entry,
+            args: args.clone(),
+            node_options: Vec::new(),
+        };
+        Ok((launch, name.clone()))
+    };
     if let Some(entry) = &app.entry {
         let entry = resolve_entry(dir, entry.as_str()).ok_or_else(|| {
             Error::app(
@@ -90,14 +98,7 @@ pub fn detect(dir: &Path, app: &AppConfig) -> Result<(Launch, Option<String>)> {
                 "check app.entry in the config; it is relative to the app directory",
             )
         })?;
-        return Ok((
-            Launch::Script {
-                entry,
-                args,
-                node_options: Vec::new(),
-            },
-            name,
-        ));
+        return script(entry);
     }
 
     let Some(package) = package else {
@@ -123,14 +124,7 @@ pub fn detect(dir: &Path, app: &AppConfig) -> Result<(Launch, Option<String>)> {
                 "fix \"main\", or set [app] entry = \"server.js\" in ampere.toml",
             )
         })?;
-        return Ok((
-            Launch::Script {
-                entry,
-                args,
-                node_options: Vec::new(),
-            },
-            name,
-        ));
+        return script(entry);
     }
     let start = package.scripts.get("start").and_then(|s| s.as_str());
     if let Some(start) = start {
