@@ -21,6 +21,11 @@ const TIME_REQUESTS = process.env.AMPERE_REQUEST_METRICS !== '0';
 const BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10];
 const METHODS = ['GET', 'HEAD', 'POST', 'PUT', 'DELETE', 'PATCH', 'OPTIONS', 'OTHER'];
 const METHOD_INDEX = { GET: 0, HEAD: 1, POST: 2, PUT: 3, DELETE: 4, PATCH: 5, OPTIONS: 6 };
+// Admission control ([overload]); 0 turns a bound off.
+const MAX_INFLIGHT = Number(process.env.AMPERE_MAX_INFLIGHT) || 0;
+const MAX_DELAY_MS = Number(process.env.AMPERE_MAX_DELAY_MS) || 0;
+const RETRY_AFTER = process.env.AMPERE_RETRY_AFTER || '1';
+const LAG_TICK_MS = 10;
 
 // The descriptors belong to this process only: children that the app spawns
 // (and that may preload this file through NODE_OPTIONS) must not adopt them.
@@ -125,8 +130,14 @@ function start() {
     if (handlers.length === 1) {
       const handler = handlers[0];
       const counted = function (req, res) {
-        inflight++;
         requests++;
+        // Early rejection, before any app code: the two bounds are plain
+        // comparisons, so a worker that is not overloaded pays nothing.
+        if ((MAX_INFLIGHT !== 0 && inflight >= MAX_INFLIGHT) || (MAX_DELAY_MS !== 0 && lag > MAX_DELAY_MS)) {
+          reject(res, inflight >= MAX_INFLIGHT && MAX_INFLIGHT !== 0 ? 'inflight' : 'delay');
+          return;
+        }
+        inflight++;
         if (TIME_REQUESTS) res[kStart] = performance.now();
         res.on('close', onResponseClose);
         return handler.call(this, req, res);
@@ -135,6 +146,8 @@ function start() {
       srv.removeListener('request', handler);
       srv.on('request', counted);
     } else {
+      // Several 'request' listeners: counted, but not guarded (rejecting
+      // here could not stop the others).
       srv.prependListener('request', (req, res) => {
         inflight++;
         requests++;
@@ -142,6 +155,30 @@ function start() {
         res.on('close', onResponseClose);
       });
     }
+  }
+
+  // Event-loop lag, measured continuously: how late a 10 ms timer fires.
+  // After the loop was blocked, timers run before I/O, so the requests that
+  // waited behind the block already see it.
+  let lag = 0;
+  if (MAX_DELAY_MS !== 0) {
+    let last = performance.now();
+    setInterval(() => {
+      const now = performance.now();
+      lag = Math.max(0, now - last - LAG_TICK_MS);
+      last = now;
+    }, LAG_TICK_MS).unref();
+  }
+  let rejected = { inflight: 0, delay: 0 };
+  function reject(res, reason) {
+    rejected[reason]++;
+    res.writeHead(503, { 'retry-after': RETRY_AFTER, connection: 'close', 'content-type': 'text/plain' });
+    res.end('overloaded\n');
+  }
+  function takeRejected() {
+    const out = rejected;
+    rejected = { inflight: 0, delay: 0 };
+    return out;
   }
 
   function onMessage(msg) {
@@ -198,6 +235,7 @@ function start() {
       rss: process.memoryUsage.rss(),
       cpu_us: cpuUs(),
       http: takeHistogram(),
+      rejected: takeRejected(),
       inflight,
       requests,
     });

@@ -25,7 +25,7 @@ use crate::listeners::Listeners;
 use crate::telemetry::logs::Logs;
 use crate::telemetry::metrics::{Metrics, Snapshot, WorkerSample};
 use crate::telemetry::probes::ProbeState;
-use crate::worker::control::{HTTP_BUCKETS, HttpDurations};
+use crate::worker::control::{HTTP_BUCKETS, HttpDurations, Rejected};
 use crate::worker::{
     self, AgentMessage, Command, Event, State, SupervisorMessage, Worker, WorkerEvent,
 };
@@ -61,6 +61,10 @@ struct Slot {
     kill_reason: Option<String>,
     /// Request durations of every process that served in this slot.
     http: BTreeMap<(String, u16), HttpDurations>,
+    /// Early rejections (503) in this slot, and whether the last heartbeat
+    /// reported any.
+    rejected: Rejected,
+    overloaded: bool,
 }
 
 impl Slot {
@@ -144,6 +148,8 @@ impl Supervisor {
                 restart_at: None,
                 kill_reason: None,
                 http: BTreeMap::new(),
+                rejected: Rejected::default(),
+                overloaded: false,
             })
             .collect();
         Supervisor {
@@ -276,6 +282,7 @@ impl Supervisor {
             None => slot.worker.as_mut().expect("checked above"),
         };
         let mut durations = Vec::new();
+        let mut rejected = None;
         let action = match ev.event {
             Event::Exited(_) => Action::None,
             Event::BadMessage(e) => {
@@ -313,6 +320,7 @@ impl Supervisor {
             }
             Event::Message(AgentMessage::Heartbeat(mut hb)) => {
                 durations = std::mem::take(&mut hb.http);
+                rejected = Some((hb.rejected, hb.inflight, hb.delay_p99_ms));
                 let verdict = w.tracker.beat(hb, health, now);
                 if w.suspect {
                     w.suspect = false;
@@ -349,6 +357,9 @@ impl Supervisor {
             }
             Event::Message(AgentMessage::Unknown) => Action::None,
         };
+        if let Some((r, inflight, delay_p99_ms)) = rejected {
+            self.on_rejections(index, r, inflight, delay_p99_ms);
+        }
         // Request durations add up per slot, across the processes in it.
         let slot_http = &mut self.slots[index].http;
         for d in durations {
@@ -648,6 +659,40 @@ impl Supervisor {
         self.advance_rolling();
     }
 
+    /// Counts a heartbeat's early rejections, and logs when a worker enters
+    /// or leaves overload.
+    fn on_rejections(&mut self, index: usize, r: Rejected, inflight: u64, delay_p99_ms: f64) {
+        let slot = &mut self.slots[index];
+        slot.rejected.inflight += r.inflight;
+        slot.rejected.delay += r.delay;
+        let pid = slot.worker.as_ref().map_or(0, |w| w.pid);
+        match (r.total() > 0, slot.overloaded) {
+            (true, false) => {
+                slot.overloaded = true;
+                warn!(
+                    service = &*self.service,
+                    worker = index,
+                    worker_pid = pid,
+                    rejected_inflight = r.inflight,
+                    rejected_delay = r.delay,
+                    inflight,
+                    delay_p99_ms,
+                    "worker overloaded: answering 503 before the app"
+                );
+            }
+            (false, true) => {
+                slot.overloaded = false;
+                info!(
+                    service = &*self.service,
+                    worker = index,
+                    worker_pid = pid,
+                    "worker no longer overloaded"
+                );
+            }
+            _ => {}
+        }
+    }
+
     fn publish_metrics(&self) {
         let mut states: BTreeMap<&'static str, u64> = BTreeMap::new();
         for w in self.processes() {
@@ -665,6 +710,7 @@ impl Supervisor {
                 slot: s.index,
                 heartbeat: s.worker.as_ref().and_then(|w| w.tracker.last.clone()),
                 http: s.http.values().cloned().collect(),
+                rejected: s.rejected,
             })
             .collect();
         self.metrics.publish(Snapshot {

@@ -39,6 +39,7 @@ pub struct Config {
     pub health: HealthConfig,
     pub restart: RestartConfig,
     pub shutdown: ShutdownConfig,
+    pub overload: OverloadConfig,
     pub metrics: MetricsConfig,
     pub logger: LoggerConfig,
 }
@@ -212,6 +213,33 @@ impl Default for HealthConfig {
             max_rss: None,
             memory_samples: 2,
             max_heap: None,
+        }
+    }
+}
+
+/// Admission control in the agent: an overloaded worker answers new requests
+/// with 503, `Retry-After` and `Connection: close` at once, before any app
+/// code runs, so that clients and load balancers go elsewhere instead of
+/// queueing behind a saturated event loop.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct OverloadConfig {
+    pub enabled: bool,
+    /// Reject while a worker has this many requests in flight (0: no bound).
+    pub max_inflight: u32,
+    /// Reject while the event loop runs this late (0s: no bound).
+    pub max_delay: Duration,
+    /// The `Retry-After` of the 503s.
+    pub retry_after: Duration,
+}
+
+impl Default for OverloadConfig {
+    fn default() -> Self {
+        OverloadConfig {
+            enabled: true,
+            max_inflight: 1000,
+            max_delay: Duration::from_millis(500),
+            retry_after: Duration::from_secs(1),
         }
     }
 }

@@ -18,7 +18,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::worker::Heartbeat;
-use crate::worker::control::{HTTP_BUCKETS, HttpDurations};
+use crate::worker::control::{HTTP_BUCKETS, HttpDurations, Rejected};
 
 /// One slot's current worker, as of the last event.
 #[derive(Debug, Clone)]
@@ -27,6 +27,8 @@ pub struct WorkerSample {
     pub heartbeat: Option<Heartbeat>,
     /// Request durations in this slot since the runtime started.
     pub http: Vec<HttpDurations>,
+    /// Requests the agents in this slot answered 503 (overload).
+    pub rejected: Rejected,
 }
 
 /// What the supervisor publishes for the metrics endpoint.
@@ -183,7 +185,23 @@ impl Metrics {
             "http_request_duration_seconds",
             "Request durations (from the request event to the response's close), by method and status code",
         );
+        let rejected = family::<Counter>(
+            &mut registry,
+            "ampere_rejected_requests",
+            "Requests answered 503 before the app, by reason (inflight, delay)",
+        );
         for w in &snap.workers {
+            for (reason, n) in [
+                ("inflight", w.rejected.inflight),
+                ("delay", w.rejected.delay),
+            ] {
+                let labels: Labels = vec![
+                    ("service", service.clone()),
+                    ("worker", w.slot.to_string()),
+                    ("reason", reason.to_owned()),
+                ];
+                rejected.get_or_create(&labels).inc_by(n);
+            }
             for d in &w.http {
                 let labels: Labels = vec![
                     ("service", service.clone()),

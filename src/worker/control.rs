@@ -50,6 +50,24 @@ pub struct Heartbeat {
     pub cpu_us: u64,
     /// Request durations since the previous heartbeat.
     pub http: Vec<HttpDurations>,
+    /// Requests answered 503 by the agent since the previous heartbeat.
+    pub rejected: Rejected,
+}
+
+/// Early rejections by reason.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct Rejected {
+    /// In-flight requests at `overload.max_inflight`.
+    pub inflight: u64,
+    /// Event-loop delay over `overload.max_delay`.
+    pub delay: u64,
+}
+
+impl Rejected {
+    pub fn total(&self) -> u64 {
+        self.inflight + self.delay
+    }
 }
 
 /// Durations of the requests with one method and status code, counted in

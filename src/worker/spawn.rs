@@ -104,6 +104,17 @@ impl Command {
             "AMPERE_PORT".into(),
             settings.addr.port().to_string().into(),
         ));
+        if cfg.overload.enabled {
+            let o = &cfg.overload;
+            env.push((
+                "AMPERE_MAX_INFLIGHT".into(),
+                o.max_inflight.to_string().into(),
+            ));
+            let delay_ms = o.max_delay.get().as_millis();
+            env.push(("AMPERE_MAX_DELAY_MS".into(), delay_ms.to_string().into()));
+            let retry = o.retry_after.get().as_secs().max(1);
+            env.push(("AMPERE_RETRY_AFTER".into(), retry.to_string().into()));
+        }
         if !cfg.metrics.requests {
             env.push(("AMPERE_REQUEST_METRICS".into(), "0".into()));
         }

@@ -1,0 +1,98 @@
+//! Admission control: an overloaded worker answers 503 with `Retry-After`
+//! and `Connection: close` before any app code runs.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const READY: Duration = Duration::from_secs(30);
+
+fn metric(ampere: &Ampere, name: &str, label: &str) -> f64 {
+    let body = ampere.probe("/metrics").expect("/metrics").body;
+    body.lines()
+        .filter(|l| l.starts_with(name) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn requests_over_the_in_flight_bound_get_503_without_running_the_app() {
+    let config = hello_config("[overload]\nmax_inflight = 2\nmax_delay = \"0s\"\n");
+    let mut ampere = Ampere::start(
+        &fixture("hello"),
+        &["--workers", "1", "--config", &config.path],
+    );
+    ampere.wait_ready(1, READY);
+    let addr = ampere.addr();
+    let slow: Vec<_> = (0..2)
+        .map(|_| std::thread::spawn(move || get(addr, "/slow?ms=3000", Duration::from_secs(30))))
+        .collect();
+    wait_until(READY, "2 requests in flight", || {
+        metric(&ampere, "http_requests_in_flight", "worker=\"0\"") == 2.0
+    });
+    for i in 0..5 {
+        let r =
+            get(addr, "/", Duration::from_secs(5)).unwrap_or_else(|e| panic!("request {i}: {e:?}"));
+        assert_eq!(r.status, 503, "request {i}: {r:?}");
+        assert_eq!(r.header("retry-after"), Some("1"));
+        assert_eq!(r.header("connection"), Some("close"));
+    }
+    for s in slow {
+        assert_eq!(s.join().unwrap().expect("slow request").status, 200);
+    }
+    // The handler ran for the two slow requests and this one only.
+    let r = get(addr, "/", Duration::from_secs(5)).unwrap();
+    assert_eq!(r.status, 200);
+    assert!(
+        r.body.contains("\"handled\":3"),
+        "the app saw a rejected request: {}",
+        r.body
+    );
+    ampere.logs.wait_for(READY, "the overload log line", |l| {
+        msg_is(l, "worker overloaded")
+    });
+    wait_until(READY, "the rejections to be counted", || {
+        metric(
+            &ampere,
+            "ampere_rejected_requests_total",
+            "reason=\"inflight\"",
+        ) == 5.0
+    });
+}
+
+#[test]
+fn requests_that_waited_behind_a_blocked_event_loop_get_503() {
+    let config = hello_config(
+        "[overload]\nmax_inflight = 0\nmax_delay = \"200ms\"\n[health]\nenabled = false\n",
+    );
+    let mut ampere = Ampere::start(
+        &fixture("hello"),
+        &["--workers", "1", "--config", &config.path],
+    );
+    ampere.wait_ready(1, READY);
+    let addr = ampere.addr();
+    // Answered at once; then the event loop is blocked for a second, while
+    // the next request waits.
+    assert_eq!(
+        get(addr, "/block-after?ms=1000", Duration::from_secs(5))
+            .unwrap()
+            .status,
+        200
+    );
+    let r = get(addr, "/", Duration::from_secs(10)).unwrap();
+    assert_eq!(r.status, 503, "{r:?}");
+    assert_eq!(r.header("retry-after"), Some("1"));
+    // Once the loop is on time again, requests go through.
+    wait_until(READY, "the worker to serve again", || {
+        get(addr, "/", Duration::from_secs(5)).is_ok_and(|r| r.status == 200)
+    });
+    wait_until(READY, "the rejection to be counted", || {
+        metric(
+            &ampere,
+            "ampere_rejected_requests_total",
+            "reason=\"delay\"",
+        ) >= 1.0
+    });
+}
