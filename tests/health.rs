@@ -387,3 +387,39 @@ fn probes_answer_while_every_worker_is_blocked() {
     }
     assert_eq!(ampere.wait_exit(READY), Some(0));
 }
+
+#[test]
+fn a_saturated_worker_is_replaced_after_a_sustained_window() {
+    let config =
+        hello_config("[health]\nmax_elu = 0.6\nelu_grace = \"2s\"\n[overload]\nenabled = false\n");
+    let mut ampere = Ampere::start(
+        &fixture("hello"),
+        &["--workers", "1", "--config", &config.path],
+    );
+    let first = ampere.wait_ready(1, READY)[0];
+    // Each request holds the event loop for 50 ms: utilisation near 1.
+    let load = Load::new_connections(ampere.addr(), "/block?ms=50", 2, Duration::from_millis(1));
+    let line = ampere
+        .logs
+        .wait_for(READY, "a saturation replacement", |l| {
+            msg_is(l, "replacing worker")
+                && l["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.starts_with("event-loop utilisation"))
+        });
+    assert_eq!(pid_of(&line), first);
+    assert!(line["elu"].as_f64().unwrap() > 0.6, "{line}");
+    // Not one sample: the window must have lasted elu_grace.
+    let reason = line["reason"].as_str().unwrap();
+    let window: Duration =
+        humantime::parse_duration(reason.rsplit(" for ").next().unwrap()).unwrap();
+    assert!(window >= Duration::from_secs(2), "{reason}");
+    let results = load.finish();
+    let failed: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {failed:?}",
+        failed.len(),
+        results.len()
+    );
+}
