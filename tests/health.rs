@@ -116,6 +116,28 @@ impl Load {
     }
 }
 
+/// Waits for the log line of a replacement whose reason mentions `reason`.
+fn wait_for_replacement(ampere: &Ampere, reason: &str) -> serde_json::Value {
+    ampere.logs.wait_for(
+        Duration::from_secs(60),
+        &format!("a replacement for {reason:?}"),
+        |l| {
+            msg_is(l, "replacing worker")
+                && l["reason"].as_str().is_some_and(|r| r.contains(reason))
+        },
+    )
+}
+
+fn assert_none_failed(results: &[Result<u32, String>]) {
+    let failed: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {failed:?}",
+        failed.len(),
+        results.len()
+    );
+}
+
 fn pid_of(line: &serde_json::Value) -> u32 {
     line["worker_pid"].as_u64().unwrap() as u32
 }
@@ -146,14 +168,7 @@ fn a_blocked_worker_is_routed_around_and_replaced() {
 
     // One request blocks one worker's event loop for good.
     std::thread::spawn(move || get(addr, "/block-forever", Duration::from_secs(60)));
-    let replacing = ampere
-        .logs
-        .wait_for(READY, "the blocked worker to be replaced", |l| {
-            msg_is(l, "replacing worker")
-                && l["reason"]
-                    .as_str()
-                    .is_some_and(|r| r.contains("no heartbeat"))
-        });
+    let replacing = wait_for_replacement(&ampere, "no heartbeat");
     let blocked = pid_of(&replacing);
     ampere
         .logs
@@ -199,14 +214,7 @@ fn a_leaking_worker_is_replaced_before_it_runs_out_of_heap() {
     let first: HashSet<u32> = ampere.wait_ready(2, READY).into_iter().collect();
     // 256 KiB kept per request, ~40 requests a second per client.
     let load = Load::new_connections(ampere.addr(), "/leak?kb=256", 2, Duration::from_millis(25));
-    let replacing = ampere
-        .logs
-        .wait_for(Duration::from_secs(60), "a memory replacement", |l| {
-            msg_is(l, "replacing worker")
-                && l["reason"]
-                    .as_str()
-                    .is_some_and(|r| r.starts_with("memory"))
-        });
+    let replacing = wait_for_replacement(&ampere, "memory");
     let leaker = pid_of(&replacing);
     assert!(first.contains(&leaker));
     ampere
@@ -225,13 +233,7 @@ fn a_leaking_worker_is_replaced_before_it_runs_out_of_heap() {
         })
         .collect();
     assert!(oom.is_empty(), "a worker died of OOM: {oom:?}");
-    let failed: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
-    assert!(
-        failed.is_empty(),
-        "{} of {} requests failed: {failed:?}",
-        failed.len(),
-        results.len()
-    );
+    assert_none_failed(&results);
 }
 
 fn rolling_restart_loses_nothing(keep_alive: bool) {
@@ -268,13 +270,7 @@ fn rolling_restart_loses_nothing(keep_alive: bool) {
         load.count() >= after + 100
     });
     let results = load.finish();
-    let failed: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
-    assert!(
-        failed.is_empty(),
-        "{} of {} requests failed: {failed:?}",
-        failed.len(),
-        results.len()
-    );
+    assert_none_failed(&results);
     for pid in old {
         assert!(!alive(pid), "old worker {pid} still running");
     }
@@ -399,14 +395,7 @@ fn a_saturated_worker_is_replaced_after_a_sustained_window() {
     let first = ampere.wait_ready(1, READY)[0];
     // Each request holds the event loop for 50 ms: utilisation near 1.
     let load = Load::new_connections(ampere.addr(), "/block?ms=50", 2, Duration::from_millis(1));
-    let line = ampere
-        .logs
-        .wait_for(READY, "a saturation replacement", |l| {
-            msg_is(l, "replacing worker")
-                && l["reason"]
-                    .as_str()
-                    .is_some_and(|r| r.starts_with("event-loop utilisation"))
-        });
+    let line = wait_for_replacement(&ampere, "event-loop utilisation");
     assert_eq!(pid_of(&line), first);
     assert!(line["elu"].as_f64().unwrap() > 0.6, "{line}");
     // Not one sample: the window must have lasted elu_grace.
@@ -415,11 +404,5 @@ fn a_saturated_worker_is_replaced_after_a_sustained_window() {
         humantime::parse_duration(reason.rsplit(" for ").next().unwrap()).unwrap();
     assert!(window >= Duration::from_secs(2), "{reason}");
     let results = load.finish();
-    let failed: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
-    assert!(
-        failed.is_empty(),
-        "{} of {} requests failed: {failed:?}",
-        failed.len(),
-        results.len()
-    );
+    assert_none_failed(&results);
 }
