@@ -7,7 +7,10 @@
 //   slot's socket. Other listen() calls are left alone.
 // - Talks to the supervisor over an inherited socketpair (AMPERE_CONTROL_FD),
 //   newline-delimited JSON: reports `listening` and a periodic `heartbeat`,
-//   and drains on request.
+//   drains on request, and closes keep-alive connections on a `shed` order
+//   so that their clients reconnect to a less busy worker.
+// - Admission control: answers 503 before the app's handler while the
+//   worker is overloaded.
 // - Dependency-free, and does nothing at all when not started by ampere.
 
 const LISTEN_FD = Number(process.env.AMPERE_LISTEN_FD);
@@ -73,6 +76,10 @@ function start() {
   let draining = false;
   let inflight = 0;
   let requests = 0;
+  // Keep-alive connections still to close on the last `shed` order, and
+  // those closed since the last heartbeat.
+  let shedLeft = 0;
+  let shed = 0;
   // Durations since the last heartbeat, keyed by method index * 1000 +
   // status: [sum, count per bucket..., count over the last bucket].
   let histogram = new Map();
@@ -138,6 +145,7 @@ function start() {
           return;
         }
         inflight++;
+        if (shedLeft !== 0 && res.shouldKeepAlive) shedOne(res);
         if (TIME_REQUESTS) res[kStart] = performance.now();
         res.on('close', onResponseClose);
         return handler.call(this, req, res);
@@ -151,6 +159,7 @@ function start() {
       srv.prependListener('request', (req, res) => {
         inflight++;
         requests++;
+        if (shedLeft !== 0 && res.shouldKeepAlive) shedOne(res);
         if (TIME_REQUESTS) res[kStart] = performance.now();
         res.on('close', onResponseClose);
       });
@@ -181,8 +190,16 @@ function start() {
     return out;
   }
 
+  // This response tells its client to reconnect (and be steered anew).
+  function shedOne(res) {
+    res.shouldKeepAlive = false;
+    shedLeft--;
+    shed++;
+  }
+
   function onMessage(msg) {
     if (msg.type === 'drain') drain(msg.urgent === true);
+    else if (msg.type === 'shed') shedLeft = Math.max(0, Number(msg.connections) || 0);
   }
 
   function drain(urgent) {
@@ -238,7 +255,10 @@ function start() {
       rejected: takeRejected(),
       inflight,
       requests,
+      conns: server?._connections ?? 0,
+      shed,
     });
+    shed = 0;
     delay.reset();
     const high = heap.used_heap_size > heapLimit / 2;
     setTimeout(beat, high ? Math.min(100, HEARTBEAT_MS) : HEARTBEAT_MS).unref();

@@ -11,6 +11,7 @@ use crate::agent::RuntimeDir;
 use crate::config::{self, Overrides, Workers};
 use crate::error::{Error, Result};
 use crate::listeners::Listeners;
+use crate::overflow;
 use crate::supervisor::{Outcome, Supervisor};
 use crate::telemetry::logs::{self, Logs};
 use crate::telemetry::metrics::Metrics;
@@ -104,7 +105,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
 fn start(args: &StartArgs) -> Result<ExitCode> {
     let settings = config::resolve(&args.overrides())?;
     let config = &settings.config;
-    let listeners = Listeners::bind(
+    let mut listeners = Listeners::bind(
         settings.addr,
         settings.workers,
         config.server.listener,
@@ -133,8 +134,22 @@ fn start(args: &StartArgs) -> Result<ExitCode> {
         .enable_all()
         .build()
         .map_err(|e| Error::io("starting the runtime", e))?;
+    // The overflow listener joins the reuseport group after the slots.
+    let overflow = if config.balance.overflow && listeners.can_steer() {
+        match listeners.open_overflow() {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!(error = %e, "no overflow listener: overloaded workers keep their queues");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let retry_after = config.overload.retry_after.get().as_secs();
     let probes = ProbeState::new();
     let metrics = Arc::new(Metrics::new());
+    let metrics_for_overflow = metrics.clone();
     let supervisor = Supervisor::new(
         settings,
         command,
@@ -148,6 +163,14 @@ fn start(args: &StartArgs) -> Result<ExitCode> {
             tokio::spawn(async move {
                 if let Err(e) = probes::serve(listener, probes, metrics).await {
                     tracing::error!(error = %e, "the probe server stopped");
+                }
+            });
+        }
+        if let Some(listener) = overflow {
+            let metrics = metrics_for_overflow;
+            tokio::spawn(async move {
+                if let Err(e) = overflow::serve(listener, retry_after, metrics).await {
+                    tracing::error!(error = %e, "the overflow listener stopped");
                 }
             });
         }

@@ -16,6 +16,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::balance::Weights;
 use crate::config::ListenerMode;
 use crate::error::Error;
 
@@ -23,6 +24,10 @@ pub struct Listeners {
     addr: SocketAddr,
     mode: ListenerMode,
     sockets: Vec<Socket>,
+    /// The supervisor's own member of the reuseport group, last in it; it
+    /// gets connections only when the steering program picks it.
+    overflow: Option<Socket>,
+    backlog: i32,
 }
 
 impl Listeners {
@@ -59,7 +64,35 @@ impl Listeners {
             addr,
             mode,
             sockets,
+            overflow: None,
+            backlog,
         })
+    }
+
+    /// Adds the overflow listener to the reuseport group and returns it for
+    /// the supervisor to accept from. A steering program that only picks
+    /// slots is attached first, so that the kernel's hash never sends a
+    /// connection to the overflow listener on its own.
+    pub fn open_overflow(&mut self) -> io::Result<std::net::TcpListener> {
+        if !self.can_steer() {
+            return Err(io::Error::other("overflow needs reuseport listeners"));
+        }
+        self.steer(&Weights {
+            slots: vec![1; self.sockets.len()],
+            overflow: 0,
+        })?;
+        let socket = new_socket(self.addr)?;
+        socket.set_reuse_port(true)?;
+        socket.bind(&self.addr.into())?;
+        socket.listen(self.backlog)?;
+        socket.set_nonblocking(true)?;
+        let listener = socket.try_clone()?;
+        self.overflow = Some(socket);
+        Ok(listener.into())
+    }
+
+    pub fn has_overflow(&self) -> bool {
+        self.overflow.is_some()
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -93,7 +126,7 @@ impl Listeners {
             bpf(libc::BPF_RET | libc::BPF_K, 0, 0, 0),                 // drop
             bpf(libc::BPF_RET | libc::BPF_K, 0, 0, u32::MAX),          // keep
         ];
-        for socket in &self.sockets {
+        for socket in self.sockets.iter().chain(&self.overflow) {
             socket.attach_filter(&drop_syn)?;
         }
         Ok(())
@@ -105,17 +138,24 @@ impl Listeners {
         self.mode == ListenerMode::Reuseport && self.sockets.len() > 1
     }
 
-    /// Steers new connections over the slots by weight: a classic BPF
-    /// program on the reuseport group picks socket `i` with probability
-    /// `weights[i] / sum(weights)`. Attaching through any one member applies
-    /// to the whole group and replaces the previous program. With every
-    /// weight 0 the program returns an index past the group, and the kernel
-    /// falls back to its hash: connections then wait in the slots' queues.
-    pub fn steer(&self, weights: &[u32]) -> io::Result<()> {
+    /// Steers new connections over the slots (and the overflow listener) by
+    /// weight: a classic BPF program on the reuseport group picks socket `i`
+    /// with probability `weights[i] / sum(weights)`. Attaching through any
+    /// one member applies to the whole group and replaces the previous
+    /// program. With every weight 0 the slots share equally.
+    pub fn steer(&self, weights: &Weights) -> io::Result<()> {
         if !self.can_steer() {
             return Ok(());
         }
-        let program = steering_program(weights);
+        let mut all: Vec<u32> = weights.slots.clone();
+        all.resize(self.sockets.len(), 0);
+        if self.overflow.is_some() {
+            all.push(weights.overflow);
+        }
+        if all.iter().all(|w| *w == 0) {
+            all.iter_mut().take(self.sockets.len()).for_each(|w| *w = 1);
+        }
+        let program = steering_program(&all);
         let fprog = libc::sock_fprog {
             len: program.len() as u16,
             filter: program.as_ptr().cast_mut(),
@@ -139,8 +179,9 @@ const LOAD_RANDOM: u32 = (-0x1000i32) as u32 + 56;
 
 /// The reuseport program for [`Listeners::steer`]: `A = random % total`, then
 /// a chain of `if A < cumulative[i] return i`. Socket indices are the order
-/// in which the sockets joined the group, which is slot order here, and stay
-/// stable because no socket of the group is ever closed before the end.
+/// in which the sockets joined the group: slot order, then the overflow
+/// listener. They stay stable because no socket of the group is ever closed
+/// before the end.
 fn steering_program(weights: &[u32]) -> Vec<libc::sock_filter> {
     let total: u64 = weights.iter().map(|w| u64::from(*w)).sum();
     let raw = |code: u32, jt: u8, jf: u8, k: u32| libc::sock_filter {
@@ -288,7 +329,7 @@ mod tests {
     fn steering_sends_every_connection_to_the_weighted_slots() {
         let addr = loopback();
         let listeners = Listeners::bind(addr, 3, ListenerMode::Reuseport, 64).unwrap();
-        listeners.steer(&[0, 1, 0]).unwrap();
+        listeners.steer(&weights(&[0, 1, 0], 0)).unwrap();
         let conns: Vec<_> = (0..20).map(|_| TcpStream::connect(addr).unwrap()).collect();
         assert_eq!(listeners.queued(1).unwrap(), 20);
         assert_eq!(
@@ -297,7 +338,7 @@ mod tests {
         );
         drop(conns);
         // Equal weights spread over all three.
-        listeners.steer(&[1, 1, 1]).unwrap();
+        listeners.steer(&weights(&[1, 1, 1], 0)).unwrap();
         let _conns: Vec<_> = (0..60).map(|_| TcpStream::connect(addr).unwrap()).collect();
         for slot in 0..3 {
             assert!(
@@ -305,6 +346,40 @@ mod tests {
                 "slot {slot} got too few"
             );
         }
+    }
+
+    fn weights(slots: &[u32], overflow: u32) -> Weights {
+        Weights {
+            slots: slots.to_vec(),
+            overflow,
+        }
+    }
+
+    #[test]
+    fn the_overflow_listener_gets_connections_only_when_steered_to() {
+        let addr = loopback();
+        let mut listeners = Listeners::bind(addr, 2, ListenerMode::Reuseport, 64).unwrap();
+        let overflow = listeners.open_overflow().unwrap();
+        let overflow_queue = |l: &std::net::TcpListener| {
+            let mut n = 0;
+            while l.accept().is_ok() {
+                n += 1;
+            }
+            n
+        };
+        let _conns: Vec<_> = (0..40).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        assert_eq!(overflow_queue(&overflow), 0);
+        assert_eq!(
+            listeners.queued(0).unwrap() + listeners.queued(1).unwrap(),
+            40
+        );
+        listeners.steer(&weights(&[0, 0], 1)).unwrap();
+        let _more: Vec<_> = (0..10).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        assert_eq!(overflow_queue(&overflow), 10);
+        // All zero: the slots share, never the overflow listener.
+        listeners.steer(&weights(&[0, 0], 0)).unwrap();
+        let _last: Vec<_> = (0..10).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        assert_eq!(overflow_queue(&overflow), 0);
     }
 
     #[test]

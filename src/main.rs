@@ -6,11 +6,13 @@
 //! for the architecture.
 
 mod agent;
+mod balance;
 mod cli;
 mod config;
 mod error;
 mod health;
 mod listeners;
+mod overflow;
 mod supervisor;
 mod telemetry;
 mod worker;

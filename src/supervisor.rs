@@ -19,6 +19,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
+use crate::balance::{Availability, Balancer};
 use crate::config::Settings;
 use crate::health::{Tracker, Verdict};
 use crate::listeners::Listeners;
@@ -65,6 +66,8 @@ struct Slot {
     /// reported any.
     rejected: Rejected,
     overloaded: bool,
+    /// Keep-alive connections closed in this slot to rebalance.
+    rebalanced: u64,
 }
 
 impl Slot {
@@ -84,6 +87,14 @@ impl Slot {
         self.worker
             .iter()
             .chain(self.retiring.iter().map(|r| &r.worker))
+    }
+
+    fn availability(&self) -> Availability {
+        match (self.accepting(), self.overloaded) {
+            (false, _) => Availability::Unavailable,
+            (true, true) => Availability::Overloaded,
+            (true, false) => Availability::Accepting,
+        }
     }
 }
 
@@ -109,8 +120,8 @@ pub struct Supervisor {
     events: mpsc::UnboundedReceiver<WorkerEvent>,
     shutting_down: bool,
     rolling: Option<Rolling>,
-    /// The weights last attached to the reuseport group.
-    steering: Vec<u32>,
+    /// Steering weights and keep-alive rebalancing.
+    balancer: Balancer,
 }
 
 /// How the run ended.
@@ -150,11 +161,16 @@ impl Supervisor {
                 http: BTreeMap::new(),
                 rejected: Rejected::default(),
                 overloaded: false,
+                rebalanced: 0,
             })
             .collect();
         Supervisor {
             service: settings.service.as_str().into(),
-            steering: vec![1; settings.workers],
+            balancer: Balancer::new(
+                settings.config.balance.clone(),
+                settings.workers,
+                listeners.has_overflow(),
+            ),
             settings,
             command,
             listeners,
@@ -294,6 +310,9 @@ impl Supervisor {
                     w.state = State::Ready;
                     w.ready_at = Some(now);
                     w.tracker = Tracker::new(now);
+                    if retiring.is_none() {
+                        self.balancer.reset(index);
+                    }
                     info!(
                         service = &*self.service,
                         worker = index,
@@ -321,6 +340,11 @@ impl Supervisor {
             Event::Message(AgentMessage::Heartbeat(mut hb)) => {
                 durations = std::mem::take(&mut hb.http);
                 rejected = Some((hb.rejected, hb.inflight, hb.delay_p99_ms));
+                slot.rebalanced += hb.shed;
+                if retiring.is_none() {
+                    self.balancer
+                        .on_heartbeat(index, now, hb.elu, hb.requests, hb.conns);
+                }
                 let verdict = w.tracker.beat(hb, health, now);
                 if w.suspect {
                     w.suspect = false;
@@ -636,21 +660,43 @@ impl Supervisor {
         next.map(|t| t.max(Instant::now() + Duration::from_millis(5)))
     }
 
-    /// After every event: steer connections to the slots that accept,
-    /// publish readiness, and move a rolling restart along.
+    /// After every event: steer connections to the slots that accept (by
+    /// their load), rebalance keep-alive connections, publish readiness, and
+    /// move a rolling restart along.
     fn after_change(&mut self) {
-        let weights: Vec<u32> = self
-            .slots
-            .iter()
-            .map(|s| u32::from(s.accepting()))
-            .collect();
-        if weights != self.steering && self.listeners.can_steer() {
+        let avail: Vec<Availability> = self.slots.iter().map(Slot::availability).collect();
+        let weights = self.balancer.weights(&avail);
+        if self.listeners.can_steer() && self.balancer.should_attach(&weights) {
+            let was_overflowing = self.balancer.attached().is_some_and(|w| w.overflow > 0);
             match self.listeners.steer(&weights) {
                 Ok(()) => {
-                    tracing::debug!(weights = ?weights, "steering new connections");
-                    self.steering = weights;
+                    tracing::debug!(service = &*self.service, weights = ?weights.slots, overflow = weights.overflow, "steering new connections");
+                    match (was_overflowing, weights.overflow > 0) {
+                        (false, true) => warn!(
+                            service = &*self.service,
+                            "every worker is overloaded: new connections get 503 from the overflow listener"
+                        ),
+                        (true, false) => info!(
+                            service = &*self.service,
+                            "workers take new connections again"
+                        ),
+                        _ => {}
+                    }
+                    self.balancer.set_attached(weights);
                 }
                 Err(e) => warn!(error = %e, "cannot attach the steering program"),
+            }
+        }
+        for (index, connections) in self.balancer.shed_orders(&avail, Instant::now()) {
+            if let Some(w) = &self.slots[index].worker {
+                tracing::debug!(
+                    service = &*self.service,
+                    worker = index,
+                    worker_pid = w.pid,
+                    connections,
+                    "rebalancing: closing keep-alive connections of a busier worker"
+                );
+                w.send(SupervisorMessage::Shed { connections });
             }
         }
         let ready = self.slots.iter().filter(|s| s.accepting()).count();
@@ -666,7 +712,11 @@ impl Supervisor {
         slot.rejected.inflight += r.inflight;
         slot.rejected.delay += r.delay;
         let pid = slot.worker.as_ref().map_or(0, |w| w.pid);
-        match (r.total() > 0, slot.overloaded) {
+        // At the in-flight bound the next request is rejected: overloaded
+        // already, even if none arrived since the last heartbeat.
+        let o = &self.settings.config.overload;
+        let at_bound = o.enabled && o.max_inflight > 0 && inflight >= u64::from(o.max_inflight);
+        match (r.total() > 0 || at_bound, slot.overloaded) {
             (true, false) => {
                 slot.overloaded = true;
                 warn!(
@@ -694,6 +744,11 @@ impl Supervisor {
     }
 
     fn publish_metrics(&self) {
+        let (shares, overflow_share) = self
+            .balancer
+            .attached()
+            .map(|w| w.shares())
+            .unwrap_or_default();
         let mut states: BTreeMap<&'static str, u64> = BTreeMap::new();
         for w in self.processes() {
             let state = if w.suspect {
@@ -711,6 +766,8 @@ impl Supervisor {
                 heartbeat: s.worker.as_ref().and_then(|w| w.tracker.last.clone()),
                 http: s.http.values().cloned().collect(),
                 rejected: s.rejected,
+                rebalanced: s.rebalanced,
+                share: shares.get(s.index).copied().unwrap_or(0.0),
             })
             .collect();
         self.metrics.publish(Snapshot {
@@ -719,6 +776,7 @@ impl Supervisor {
             states,
             restarts: self.restarts.clone(),
             log_dropped: self.logs.dropped(),
+            overflow_share,
         });
     }
 

@@ -9,14 +9,6 @@ use common::*;
 
 const READY: Duration = Duration::from_secs(30);
 
-fn metric(ampere: &Ampere, name: &str, label: &str) -> f64 {
-    let body = ampere.probe("/metrics").expect("/metrics").body;
-    body.lines()
-        .filter(|l| l.starts_with(name) && l.contains(label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[test]
 fn requests_over_the_in_flight_bound_get_503_without_running_the_app() {
     let config = hello_config("[overload]\nmax_inflight = 2\nmax_delay = \"0s\"\n");

@@ -124,6 +124,41 @@ test('drain finishes in-flight requests with Connection: close, then reports dra
   }
 });
 
+test('a shed order closes that many keep-alive connections, one per response', async () => {
+  const w = await startWorker(APP);
+  const agent = new http.Agent({ keepAlive: true, maxSockets: 1 });
+  const fetch = (path = '/') =>
+    new Promise((resolve, reject) => {
+      http.get({ host: '127.0.0.1', port: w.port, path, agent }, (res) => {
+        res.resume();
+        res.on('end', () => resolve(res.headers.connection));
+      }).on('error', reject);
+    });
+  try {
+    await w.next('listening');
+    assert.strictEqual(await fetch(), 'keep-alive');
+    for (;;) {
+      const hb = await w.next('heartbeat');
+      if (hb.conns === 1) break;
+    }
+    w.send({ type: 'shed', connections: 1 });
+    // Once the order has arrived, the next response closes.
+    let first = await fetch();
+    for (let i = 0; i < 100 && first !== 'close'; i++) {
+      await w.next('heartbeat');
+      first = await fetch();
+    }
+    assert.strictEqual(first, 'close');
+    assert.strictEqual(await fetch(), 'keep-alive');
+    let shed = 0;
+    while (shed === 0) shed = (await w.next('heartbeat')).shed;
+    assert.strictEqual(shed, 1);
+  } finally {
+    agent.destroy();
+    w.child.kill('SIGKILL');
+  }
+});
+
 async function freePort() {
   const s = net.createServer().listen(0, '127.0.0.1');
   await once(s, 'listening');

@@ -40,6 +40,7 @@ pub struct Config {
     pub restart: RestartConfig,
     pub shutdown: ShutdownConfig,
     pub overload: OverloadConfig,
+    pub balance: BalanceConfig,
     pub metrics: MetricsConfig,
     pub logger: LoggerConfig,
 }
@@ -240,6 +241,43 @@ impl Default for OverloadConfig {
             max_inflight: 1000,
             max_delay: Duration::from_millis(500),
             retry_after: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Load-aware balancing of connections over the workers of a service
+/// (reuseport listeners only). Each mechanism can be switched off.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct BalanceConfig {
+    /// Steer new connections by the load the workers report: a slot gets a
+    /// share in proportion to its measured capacity (requests per second
+    /// per unit of event-loop utilisation), so a slower worker gets fewer
+    /// connections and the event loops run equally busy. Off: every ready
+    /// slot gets an equal share. Either way, slots that are starting,
+    /// blocked, draining or overloaded get none.
+    pub load_aware: bool,
+    /// Keep-alive rebalancing: a worker whose event-loop utilisation is more
+    /// than `tolerance` above the average answers some responses with
+    /// `Connection: close`, so that those clients reconnect and are steered
+    /// to a less busy worker.
+    pub rebalance: bool,
+    /// Relative excess of event-loop utilisation over the average (0.05 =
+    /// 5%) that a worker may carry before it sheds connections.
+    pub tolerance: f64,
+    /// When every worker is overloaded, new connections go to a listener of
+    /// the supervisor's own that answers 503 with `Retry-After` and
+    /// `Connection: close` at once, without touching a worker.
+    pub overflow: bool,
+}
+
+impl Default for BalanceConfig {
+    fn default() -> Self {
+        BalanceConfig {
+            load_aware: true,
+            rebalance: true,
+            tolerance: 0.05,
+            overflow: true,
         }
     }
 }

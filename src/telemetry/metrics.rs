@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use prometheus_client::encoding::text::encode;
@@ -29,6 +29,10 @@ pub struct WorkerSample {
     pub http: Vec<HttpDurations>,
     /// Requests the agents in this slot answered 503 (overload).
     pub rejected: Rejected,
+    /// Keep-alive connections the agents in this slot closed to rebalance.
+    pub rebalanced: u64,
+    /// The slot's share (0..1) of new connections in the steering program.
+    pub share: f64,
 }
 
 /// What the supervisor publishes for the metrics endpoint.
@@ -43,11 +47,15 @@ pub struct Snapshot {
     /// Supervisor log records dropped because stdout did not keep up
     /// (worker output is never dropped: it waits).
     pub log_dropped: u64,
+    /// The overflow listener's share (0..1) of new connections.
+    pub overflow_share: f64,
 }
 
 pub struct Metrics {
     started: Instant,
     snapshot: Mutex<Snapshot>,
+    /// Requests the overflow listener answered 503.
+    overflow: AtomicU64,
 }
 
 type Labels = Vec<(&'static str, String)>;
@@ -58,7 +66,13 @@ impl Metrics {
         Metrics {
             started: Instant::now(),
             snapshot: Mutex::new(Snapshot::default()),
+            overflow: AtomicU64::new(0),
         }
+    }
+
+    /// One request answered 503 by the overflow listener.
+    pub fn count_overflow(&self) {
+        self.overflow.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn publish(&self, snapshot: Snapshot) {
@@ -188,9 +202,40 @@ impl Metrics {
         let rejected = family::<Counter>(
             &mut registry,
             "ampere_rejected_requests",
-            "Requests answered 503 before the app, by reason (inflight, delay)",
+            "Requests answered 503 before the app, by reason: inflight, delay (in a worker), all_overloaded (the overflow listener, worker=\"overflow\")",
+        );
+        rejected
+            .get_or_create(&vec![
+                ("service", service.clone()),
+                ("worker", "overflow".to_owned()),
+                ("reason", "all_overloaded".to_owned()),
+            ])
+            .inc_by(self.overflow.load(Ordering::Relaxed));
+        let share = family::<FloatGauge>(
+            &mut registry,
+            "ampere_steering_share",
+            "Share (0..1) of new connections the steering program gives each slot (worker=\"overflow\": the overflow listener)",
+        );
+        share
+            .get_or_create(&vec![
+                ("service", service.clone()),
+                ("worker", "overflow".to_owned()),
+            ])
+            .set(snap.overflow_share);
+        let rebalanced = family::<Counter>(
+            &mut registry,
+            "ampere_rebalanced_connections",
+            "Keep-alive connections closed (Connection: close) to move load to a less busy worker",
+        );
+        let conns = family::<Gauge>(
+            &mut registry,
+            "ampere_open_connections",
+            "Connections open on the worker",
         );
         for w in &snap.workers {
+            let labels: Labels = vec![("service", service.clone()), ("worker", w.slot.to_string())];
+            share.get_or_create(&labels).set(w.share);
+            rebalanced.get_or_create(&labels).inc_by(w.rebalanced);
             for (reason, n) in [
                 ("inflight", w.rejected.inflight),
                 ("delay", w.rejected.delay),
@@ -226,6 +271,7 @@ impl Metrics {
             cpu.get_or_create(&labels).inc_by(hb.cpu_us as f64 / 1e6);
             inflight.get_or_create(&labels).set(hb.inflight as i64);
             requests.get_or_create(&labels).inc_by(hb.requests);
+            conns.get_or_create(&labels).set(hb.conns as i64);
         }
 
         let mut out = String::new();

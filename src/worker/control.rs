@@ -52,6 +52,11 @@ pub struct Heartbeat {
     pub http: Vec<HttpDurations>,
     /// Requests answered 503 by the agent since the previous heartbeat.
     pub rejected: Rejected,
+    /// Connections open now.
+    pub conns: u64,
+    /// Keep-alive connections closed on a `shed` order since the previous
+    /// heartbeat.
+    pub shed: u64,
 }
 
 /// Early rejections by reason.
@@ -95,6 +100,10 @@ pub enum SupervisorMessage {
     /// close idle keep-alive connections (at once when `urgent`, else after
     /// a grace period), then report `drained`.
     Drain { urgent: bool },
+    /// Close this many keep-alive connections, one per response
+    /// (`Connection: close`), to move load to a less busy worker. Replaces
+    /// any earlier order not yet carried out.
+    Shed { connections: u64 },
 }
 
 #[cfg(test)]

@@ -264,6 +264,15 @@ impl Drop for Ampere {
 
 pub use nix::sys::signal::Signal;
 
+/// The sum of the samples of metric `name` whose line contains `label`.
+pub fn metric(ampere: &Ampere, name: &str, label: &str) -> f64 {
+    let body = ampere.probe("/metrics").expect("/metrics").body;
+    body.lines()
+        .filter(|l| l.starts_with(name) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 pub fn signal(pid: u32, sig: Signal) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).unwrap();
 }

@@ -1,0 +1,244 @@
+//! Load-aware balancing: steering new connections by measured capacity,
+//! keep-alive rebalancing, and the overflow listener that answers 503 when
+//! every worker is overloaded.
+
+mod common;
+
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use common::*;
+
+const READY: Duration = Duration::from_secs(30);
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The pid of the worker in `slot`, from its "worker ready" log line.
+fn pid_of_slot(ampere: &Ampere, slot: u64) -> u32 {
+    ampere
+        .logs
+        .all()
+        .iter()
+        .find(|l| msg_is(l, "worker ready") && l["worker"].as_u64() == Some(slot))
+        .and_then(|l| l["worker_pid"].as_u64())
+        .expect("a ready line for the slot") as u32
+}
+
+/// Clients sending requests in a loop until stopped.
+struct Load {
+    stop: Arc<AtomicBool>,
+    failures: Arc<Mutex<Vec<String>>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Load {
+    /// `clients` threads, each sending GET `path`, on a new connection per
+    /// request, or on keep-alive connections (reconnecting when a response
+    /// says `Connection: close`). `on_response` sees every response.
+    fn start(
+        addr: SocketAddr,
+        clients: usize,
+        path: &'static str,
+        keep_alive: bool,
+        on_response: Arc<dyn Fn(&Response) + Send + Sync>,
+    ) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let threads = (0..clients)
+            .map(|_| {
+                let (stop, failures, on_response) =
+                    (stop.clone(), failures.clone(), on_response.clone());
+                std::thread::spawn(move || {
+                    let mut conn: Option<TcpStream> = None;
+                    while !stop.load(Ordering::Relaxed) {
+                        let result = if keep_alive {
+                            let stream = match &mut conn {
+                                Some(s) => s,
+                                None => match TcpStream::connect(addr) {
+                                    Ok(s) => conn.insert(s),
+                                    Err(e) => {
+                                        failures.lock().unwrap().push(e.to_string());
+                                        continue;
+                                    }
+                                },
+                            };
+                            let r = request(stream, path, true, TIMEOUT);
+                            if r.as_ref()
+                                .is_ok_and(|r| r.header("connection") == Some("close"))
+                            {
+                                conn = None;
+                            }
+                            r
+                        } else {
+                            get(addr, path, TIMEOUT)
+                        };
+                        match result {
+                            Ok(r) if r.status == 200 => on_response(&r),
+                            Ok(r) => failures
+                                .lock()
+                                .unwrap()
+                                .push(format!("status {}", r.status)),
+                            Err(e) => {
+                                conn = None;
+                                failures.lock().unwrap().push(format!("{e:?}"));
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            failures,
+            threads,
+        }
+    }
+
+    /// Stops the clients; returns the failed requests.
+    fn finish(self) -> Vec<String> {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        self.failures.lock().unwrap().clone()
+    }
+}
+
+#[test]
+fn a_slower_worker_gets_fewer_new_connections() {
+    let mut ampere = Ampere::start(&fixture("hello"), &["--workers", "2"]);
+    ampere.wait_ready(2, READY);
+    let slow_pid = pid_of_slot(&ampere, 1);
+    let fast_pid = pid_of_slot(&ampere, 0);
+    let measuring = Arc::new(AtomicBool::new(false));
+    let (slow, fast) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let count = {
+        let (measuring, slow, fast) = (measuring.clone(), slow.clone(), fast.clone());
+        Arc::new(move |r: &Response| {
+            if measuring.load(Ordering::Relaxed) {
+                if r.pid() == slow_pid {
+                    slow.fetch_add(1, Ordering::Relaxed);
+                } else if r.pid() == fast_pid {
+                    fast.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    // Worker 1 burns 3 ms of CPU per request, worker 0 none.
+    let load = Load::start(ampere.addr(), 4, "/burn?ms=3&worker=1", false, count);
+    wait_until(
+        Duration::from_secs(60),
+        "the slower worker's share to shrink",
+        || metric(&ampere, "ampere_steering_share", "worker=\"1\"") < 0.3,
+    );
+    measuring.store(true, Ordering::Relaxed);
+    wait_until(Duration::from_secs(60), "400 measured requests", || {
+        slow.load(Ordering::Relaxed) + fast.load(Ordering::Relaxed) >= 400
+    });
+    let failures = load.finish();
+    let (slow, fast) = (slow.load(Ordering::Relaxed), fast.load(Ordering::Relaxed));
+    assert!(failures.is_empty(), "failed requests: {failures:?}");
+    // The kernel's hash alone splits new connections about evenly.
+    assert!(
+        slow * 2 < fast,
+        "the slower worker got {slow} new connections, the faster {fast}"
+    );
+}
+
+#[test]
+fn a_busier_worker_sheds_keep_alive_connections_to_the_other() {
+    let mut ampere = Ampere::start(&fixture("hello"), &["--workers", "2"]);
+    ampere.wait_ready(2, READY);
+    // 16 keep-alive clients; requests on worker 1 cost 2 ms of CPU, so it
+    // runs far busier than worker 0 with about the same connections.
+    let load = Load::start(
+        ampere.addr(),
+        16,
+        "/burn?ms=2&worker=1",
+        true,
+        Arc::new(|_: &Response| {}),
+    );
+    wait_until(
+        Duration::from_secs(60),
+        "worker 1 to hand most of its connections over",
+        || {
+            let shed = metric(
+                &ampere,
+                "ampere_rebalanced_connections_total",
+                "worker=\"1\"",
+            );
+            let on_1 = metric(&ampere, "ampere_open_connections", "worker=\"1\"");
+            let on_0 = metric(&ampere, "ampere_open_connections", "worker=\"0\"");
+            shed >= 1.0 && on_0 >= 12.0 && on_1 <= 4.0
+        },
+    );
+    let failures = load.finish();
+    assert!(failures.is_empty(), "failed requests: {failures:?}");
+}
+
+#[test]
+fn with_every_worker_overloaded_the_overflow_listener_answers_503() {
+    let config = hello_config(
+        "[overload]\nmax_inflight = 1\nmax_delay = \"0s\"\n[health]\nenabled = false\n",
+    );
+    let mut ampere = Ampere::start(
+        &fixture("hello"),
+        &["--workers", "2", "--config", &config.path],
+    );
+    ampere.wait_ready(2, READY);
+    let addr = ampere.addr();
+    // Slow requests until each worker has one in flight; the extra ones are
+    // rejected with 503.
+    let mut slow = Vec::new();
+    wait_until(READY, "a slow request in flight on each worker", || {
+        let busy = (0..2).all(|w| {
+            metric(
+                &ampere,
+                "http_requests_in_flight",
+                &format!("worker=\"{w}\""),
+            ) >= 1.0
+        });
+        if !busy {
+            slow.push(std::thread::spawn(move || {
+                get(addr, "/slow?ms=8000", Duration::from_secs(30))
+            }));
+        }
+        busy
+    });
+    wait_until(READY, "the overflow listener to answer", || {
+        let r = get(addr, "/", TIMEOUT).expect("a response");
+        assert_eq!(r.status, 503, "{r:?}");
+        assert_eq!(r.header("retry-after"), Some("1"));
+        assert_eq!(r.header("connection"), Some("close"));
+        metric(
+            &ampere,
+            "ampere_rejected_requests_total",
+            "reason=\"all_overloaded\"",
+        ) >= 1.0
+    });
+    ampere.logs.wait_for(READY, "the overflow log line", |l| {
+        msg_is(l, "every worker is overloaded")
+    });
+    // The workers finish what they had in flight.
+    let statuses: Vec<u16> = slow
+        .into_iter()
+        .map(|t| t.join().unwrap().expect("a response").status)
+        .collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        2,
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 503),
+        "{statuses:?}"
+    );
+    wait_until(READY, "the workers to serve again", || {
+        get(addr, "/", TIMEOUT).is_ok_and(|r| r.status == 200)
+    });
+    ampere.logs.wait_for(READY, "the recovery log line", |l| {
+        msg_is(l, "workers take new connections again")
+    });
+}
