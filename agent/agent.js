@@ -243,6 +243,7 @@ function start() {
     send({
       type: 'heartbeat',
       elu: elu.utilization,
+      interval_ms: elu.idle + elu.active,
       delay_p50_ms: delay.percentile(50) / 1e6,
       delay_p99_ms: delay.percentile(99) / 1e6,
       delay_max_ms: delay.max / 1e6,

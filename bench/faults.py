@@ -42,7 +42,10 @@ from overhead import (HOST, ROOT, TOOLS, children, ensure_node, ensure_oha,  # n
                       free_port, sh, wait_http)
 
 APP = ROOT / "bench" / "apps" / "faulty"
-PEERS = {"pm2": "pm2@7.0.4", "wattpm": "wattpm@3.67.0", "@platformatic/node": "@platformatic/node@3.65.0"}
+PEERS = {"pm2": "pm2@7.0.4", "wattpm": "wattpm@3.67.0", "@platformatic/node": "@platformatic/node@3.65.0",
+         # Watt running Next.js (bench/overload.py); 3.54.0 is the newest on
+         # the registry here, and it imports job-queue without declaring it.
+         "@platformatic/next": "@platformatic/next@3.54.0", "@platformatic/job-queue": "@platformatic/job-queue@0.5.0"}
 HEAP_MIB = 256
 
 

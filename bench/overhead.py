@@ -138,16 +138,17 @@ LOAD_PIN = []
 PIN = []  # e.g. ["taskset", "-c", "1"]: servers on CPU 1, load on CPU 0
 
 
-def start_ampere(ampere, node, port, workers, request_metrics=True):
+def start_ampere(ampere, node, port, workers, request_metrics=True, app=APP, extra="", env=None):
+    """ampere on `app`; `extra` is appended to its config file."""
     config = TOOLS / f"ampere-bench-{port}.toml"
     config.write_text(
-        f'[app]\ndir = "{APP}"\n[node]\nexecutable = "{node}"\n[logger]\nlevel = "warn"\n'
-        f'[metrics]\nenabled = false\nrequests = {"true" if request_metrics else "false"}\n'
+        f'[app]\ndir = "{app}"\n[node]\nexecutable = "{node}"\n[logger]\nlevel = "warn"\n'
+        f'[metrics]\nenabled = false\nrequests = {"true" if request_metrics else "false"}\n{extra}'
     )
     p = subprocess.Popen(
         PIN + [str(ampere), "start", "--config", str(config), "--host", HOST,
          "--port", str(port), "--workers", str(workers)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})},
     )
     t0 = time.monotonic()
     wait_http(port)
@@ -158,12 +159,12 @@ def start_ampere(ampere, node, port, workers, request_metrics=True):
     return Setup("ampere", [p], [p.pid] + children(p.pid)), ready
 
 
-def start_bare(node, port, workers):
+def start_bare(node, port, workers, app=APP, env=None):
     preload = ROOT / "bench" / "lib" / "reuseport.js"
     procs = [
         subprocess.Popen(
-            PIN + [str(node), "--require", str(preload), str(APP / "server.js")],
-            env={**os.environ, "PORT": str(port), "BENCH_HOST": HOST},
+            PIN + [str(node), "--require", str(preload), str(app / "server.js")],
+            env={**os.environ, "PORT": str(port), "BENCH_HOST": HOST, **(env or {})},
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         for _ in range(workers)
@@ -198,6 +199,17 @@ def measure(setup, oha, port, mode, duration, connections):
         "cpu_us_per_req": cpu / ok * 1e6 if ok else None,
         "rss_mib": rss_bytes(setup.server_pids) / 2**20,
         "errors": result.get("errorDistribution", {}),
+    }
+
+
+def machine_meta(node, oha):
+    """Where and with what a benchmark ran."""
+    node_version = subprocess.run([str(node), "--version"], capture_output=True, text=True).stdout.strip()
+    oha_version = subprocess.run([oha, "--version"], capture_output=True, text=True).stdout.strip()
+    return {
+        "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, Linux {platform.release()}",
+        "node": node_version, "oha": oha_version,
+        "loadavg_before": os.getloadavg(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
 
@@ -271,14 +283,9 @@ def main():
             a, b = summary[mode]["ampere"], summary[mode]["ampere-untimed"]
             summary[mode]["ratio_timed_untimed"] = {k: a[k]["median"] / b[k]["median"] for k in a}
 
-    node_version = subprocess.run([str(node), "--version"], capture_output=True, text=True).stdout.strip()
-    oha_version = subprocess.run([oha, "--version"], capture_output=True, text=True).stdout.strip()
-    meta = {
-        "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, Linux {platform.release()}",
-        "node": node_version, "oha": oha_version, "workers": args.workers,
-        "rounds": args.rounds, "pinned": args.pin, "duration_s": args.duration, "connections": args.connections,
-        "loadavg_before": os.getloadavg(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    meta = machine_meta(node, oha)
+    meta.update(workers=args.workers, rounds=args.rounds, pinned=args.pin, duration_s=args.duration,
+                connections=args.connections)
 
     lines = [
         f"# bench/overhead: ampere vs bare reusePort node processes",

@@ -70,7 +70,10 @@ const MIN_ELU: f64 = 0.05;
 const MIN_SHARE: f64 = 0.1;
 /// Smoothing of utilisation and capacity samples (weight of a new sample).
 const ELU_ALPHA: f64 = 0.5;
-const CAPACITY_ALPHA: f64 = 0.3;
+const CAPACITY_ALPHA: f64 = 0.2;
+/// Heartbeats of a new worker that say nothing yet: its code is still being
+/// compiled, its first interval is partly idle.
+const WARM_UP_BEATS: u32 = 2;
 /// After shedding, a worker waits this long before it sheds again: long
 /// enough for the moved load to show in its smoothed utilisation.
 const SHED_COOLDOWN: Duration = Duration::from_secs(2);
@@ -86,6 +89,19 @@ struct SlotLoad {
     /// Open connections.
     conns: u64,
     shed_at: Option<Instant>,
+    /// Heartbeats since the worker became ready.
+    beats: u32,
+}
+
+/// What the balancer reads from one heartbeat.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Beat {
+    pub elu: f64,
+    /// The interval the utilisation was measured on.
+    pub interval: Option<Duration>,
+    /// Requests since the worker started.
+    pub requests: u64,
+    pub conns: u64,
 }
 
 pub struct Balancer {
@@ -114,22 +130,33 @@ impl Balancer {
     }
 
     /// A heartbeat of the slot's current worker: utilisation over the
-    /// interval, its request counter, its open connections.
-    pub fn on_heartbeat(&mut self, slot: usize, now: Instant, elu: f64, requests: u64, conns: u64) {
+    /// interval the agent measured it on (`interval`; when the agent does not
+    /// say, the time between heartbeats here), its request counter, its open
+    /// connections.
+    pub fn on_heartbeat(&mut self, slot: usize, now: Instant, beat: Beat) {
         let Some(s) = self.slots.get_mut(slot) else {
             return;
         };
-        s.conns = conns;
-        s.elu = Some(ewma(s.elu, elu, ELU_ALPHA));
+        s.beats += 1;
+        s.conns = beat.conns;
+        if s.beats <= WARM_UP_BEATS {
+            s.last = Some((now, beat.requests));
+            return;
+        }
+        s.elu = Some(ewma(s.elu, beat.elu, ELU_ALPHA));
         if let Some((at, before)) = s.last {
-            let dt = now.duration_since(at).as_secs_f64();
-            let done = requests.saturating_sub(before);
-            if dt > 0.0 && done > 0 && elu >= MIN_ELU {
-                let sample = done as f64 / dt / elu;
+            let dt = beat
+                .interval
+                .filter(|d| !d.is_zero())
+                .unwrap_or_else(|| now.duration_since(at))
+                .as_secs_f64();
+            let done = beat.requests.saturating_sub(before);
+            if dt > 0.0 && done > 0 && beat.elu >= MIN_ELU {
+                let sample = done as f64 / dt / beat.elu;
                 s.capacity = Some(ewma(s.capacity, sample, CAPACITY_ALPHA));
             }
         }
-        s.last = Some((now, requests));
+        s.last = Some((now, beat.requests));
     }
 
     /// The weights for slots in the given states.
@@ -268,7 +295,13 @@ mod tests {
         for k in 0..=beats {
             for (i, (rate, elu, conns)) in per_slot.iter().enumerate() {
                 let requests = (rate * 0.5 * f64::from(k)) as u64;
-                b.on_heartbeat(i, now, *elu, requests, *conns);
+                let beat = Beat {
+                    elu: *elu,
+                    interval: None,
+                    requests,
+                    conns: *conns,
+                };
+                b.on_heartbeat(i, now, beat);
             }
             now += Duration::from_millis(500);
         }

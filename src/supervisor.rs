@@ -19,7 +19,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
-use crate::balance::{Availability, Balancer};
+use crate::balance::{Availability, Balancer, Beat};
 use crate::config::Settings;
 use crate::health::{Tracker, Verdict};
 use crate::listeners::Listeners;
@@ -342,8 +342,14 @@ impl Supervisor {
                 rejected = Some((hb.rejected, hb.inflight, hb.delay_p99_ms));
                 slot.rebalanced += hb.shed;
                 if retiring.is_none() {
-                    self.balancer
-                        .on_heartbeat(index, now, hb.elu, hb.requests, hb.conns);
+                    let beat = Beat {
+                        elu: hb.elu,
+                        interval: (hb.interval_ms > 0.0)
+                            .then(|| Duration::from_secs_f64(hb.interval_ms / 1e3)),
+                        requests: hb.requests,
+                        conns: hb.conns,
+                    };
+                    self.balancer.on_heartbeat(index, now, beat);
                 }
                 let verdict = w.tracker.beat(hb, health, now);
                 if w.suspect {

@@ -34,6 +34,8 @@ pub enum AgentMessage {
 pub struct Heartbeat {
     /// Event-loop utilisation over the interval, 0..1.
     pub elu: f64,
+    /// The interval `elu` covers, in milliseconds.
+    pub interval_ms: f64,
     pub delay_p50_ms: f64,
     pub delay_p99_ms: f64,
     pub delay_max_ms: f64,

@@ -1,0 +1,346 @@
+#!/usr/bin/env python3
+"""bench/overload: goodput and latency at and beyond capacity, ampere with
+its overload protection on and off, against PM2 (cluster mode) and Watt.
+
+For each app (bench/apps/cpu: every request costs a fixed amount of CPU;
+bench/apps/next: a Next.js App Router page rendered on every request), with
+2 workers per setup and the same Node.js for all:
+
+1. capacity: ampere without protection, closed loop, keep-alive, the
+   highest throughput of a short run;
+2. for each rate in --factors (default 0.5, 1, 1.5, 2) times capacity, each
+   setup in turn (interleaved, order alternating per round, --rounds
+   rounds): a warm-up, then oha at that constant arrival rate with latency
+   correction, keep-alive, up to 1,000 connections, a 5 s client timeout.
+
+Setups: ampere (defaults: admission control, load-aware steering,
+rebalancing, overflow listener), ampere-off (all of those off), pm2
+(cluster mode, 2 instances), watt (wattpm, 2 workers).
+
+Reported per setup and rate (medians over rounds, with min..max): goodput
+(200s per second), p50 and p99 of the 200s, the share of 503s, the share
+of errors and timeouts, and the p99 of the 503s.
+
+Usage: bench/overload.py [--apps cpu,next] [--setups ampere,ampere-off,pm2,watt]
+Writes bench/results/overload-<timestamp>.{json,md}. Every run is bounded in
+time and every process started is stopped.
+"""
+
+import argparse
+import csv
+import io
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from overhead import (HOST, ROOT, TOOLS, children, ensure_node, ensure_oha,  # noqa: E402
+                      free_port, machine_meta, sh, wait_http)
+from faults import Running, ensure_peers, node_bin  # noqa: E402
+
+APPS = {
+    "cpu": {"dir": ROOT / "bench" / "apps" / "cpu", "path": "/"},
+    "next": {"dir": ROOT / "bench" / "apps" / "next", "path": "/"},
+}
+OFF = ("[overload]\nenabled = false\n"
+       "[balance]\nload_aware = false\nrebalance = false\noverflow = false\n")
+
+
+def prepare_next(node):
+    """npm ci and `next build` for bench/apps/next, once."""
+    app = APPS["next"]["dir"]
+    env = {**os.environ, "PATH": f"{node_bin(node)}:{os.environ['PATH']}", "NEXT_TELEMETRY_DISABLED": "1"}
+    if not (app / "node_modules").exists():
+        print("npm ci in bench/apps/next ...", file=sys.stderr)
+        sh(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=app, env=env, stdout=subprocess.DEVNULL)
+    if not (app / ".next" / "BUILD_ID").exists():
+        print("next build in bench/apps/next ...", file=sys.stderr)
+        sh([str(node), "node_modules/next/dist/bin/next", "build"], cwd=app, env=env, stdout=subprocess.DEVNULL)
+
+
+def launch(app_name):
+    """The script and arguments that run the app with node, given the port."""
+    app = APPS[app_name]["dir"]
+    if app_name == "next":
+        return app / "node_modules" / "next" / "dist" / "bin" / "next", lambda port: ["start", "-p", str(port),
+                                                                                      "-H", HOST]
+    return app / "server.js", lambda port: []
+
+
+def start_ampere(work, node, port, ampere, app_name, off):
+    app = APPS[app_name]["dir"]
+    script, args = launch(app_name)
+    cfg = work / "ampere.toml"
+    cfg.write_text(
+        f'[app]\ndir = "{app}"\nentry = "{script}"\nargs = {json.dumps(args(port))}\n'
+        f'[node]\nexecutable = "{node}"\n'
+        f'[logger]\nlevel = "warn"\n[metrics]\nenabled = false\n' + (OFF if off else "")
+    )
+    log = work / "ampere.log"
+    proc = subprocess.Popen([str(ampere), "start", "--config", str(cfg), "--host", HOST, "--port", str(port),
+                             "--workers", "2"], stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            env={**os.environ, "NEXT_TELEMETRY_DISABLED": "1"})
+
+    def stop():
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    return Running("ampere-off" if off else "ampere", proc, log, stop, lambda: [proc.pid] + children(proc.pid))
+
+
+def start_pm2(work, node, port, app_name):
+    home = work / "pm2home"
+    env = {**os.environ, "PM2_HOME": str(home), "PATH": f"{node_bin(node)}:{os.environ['PATH']}",
+           "PORT": str(port), "HOST": HOST, "NEXT_TELEMETRY_DISABLED": "1"}
+    pm2 = TOOLS / "node_modules" / "pm2" / "bin" / "pm2"
+    script, args = launch(app_name)
+    log = work / "pm2.log"
+    cmd = [str(node), str(pm2), "start", str(script), "-i", "2", "--name", "app", "-o", str(log), "-e", str(log),
+           "--merge-logs", "--cwd", str(APPS[app_name]["dir"])]
+    extra = args(port)
+    if extra:
+        cmd += ["--", *extra]
+    sh(cmd, env=env, stdout=subprocess.DEVNULL)
+
+    def pids():
+        out = subprocess.run([str(node), str(pm2), "jlist"], env=env, capture_output=True, text=True).stdout
+        try:
+            return [p["pid"] for p in json.loads(out[out.index("["):]) if p.get("pid")]
+        except (ValueError, KeyError):
+            return []
+
+    def stop():
+        subprocess.run([str(node), str(pm2), "kill"], env=env, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=60)
+
+    return Running("pm2", None, log, stop, pids)
+
+
+def start_watt(work, node, port, app_name):
+    app = APPS[app_name]["dir"]
+    if app_name == "next":
+        module = "@platformatic/next"
+        spec = {"module": module}
+    else:
+        module = "@platformatic/node"
+        spec = {"module": module, "node": {"main": "server.js"}}
+    cfg = {
+        **spec,
+        "runtime": {"server": {"hostname": HOST, "port": port}, "workers": 2, "logger": {"level": "warn"}},
+    }
+    # Watt reads watt.json from the app's directory.
+    watt_json = app / "watt.json"
+    watt_json.write_text(json.dumps(cfg, indent=2))
+    log = work / "watt.log"
+    wattpm = TOOLS / "node_modules" / "wattpm" / "bin" / "cli.js"
+    env = {**os.environ, "PATH": f"{node_bin(node)}:{os.environ['PATH']}", "PORT": str(port),
+           "NEXT_TELEMETRY_DISABLED": "1"}
+    proc = subprocess.Popen([str(node), str(wattpm), "start"], cwd=app, env=env, stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+    def stop():
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+        except (subprocess.TimeoutExpired, ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        watt_json.unlink(missing_ok=True)
+
+    return Running("watt", proc, log, stop, lambda: [proc.pid])
+
+
+def start(setup, work, node, port, ampere, app_name):
+    if setup == "ampere":
+        return start_ampere(work, node, port, ampere, app_name, off=False)
+    if setup == "ampere-off":
+        return start_ampere(work, node, port, ampere, app_name, off=True)
+    if setup == "pm2":
+        return start_pm2(work, node, port, app_name)
+    if setup == "watt":
+        return start_watt(work, node, port, app_name)
+    raise SystemExit(f"unknown setup {setup}")
+
+
+def oha(oha_bin, port, path, duration, rate=None, connections=1000, csv_out=False):
+    cmd = [oha_bin, "-z", f"{duration}s", "-c", str(connections), "-t", "5s", "--no-tui",
+           "--output-format", "csv" if csv_out else "json", f"http://{HOST}:{port}{path}"]
+    if rate is not None:
+        cmd[1:1] = ["-q", str(rate), "--latency-correction"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 90)
+    if out.returncode != 0 and not out.stdout:
+        raise RuntimeError(f"oha failed: {out.stderr[-500:]}")
+    return out.stdout
+
+
+def percentile(values, q):
+    if not values:
+        return None
+    values = sorted(values)
+    k = min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))
+    return values[k]
+
+
+def analyse(text, duration, rate):
+    """Per-request CSV from oha (one row per response: request-start,
+    request-duration in seconds, status): goodput and latency by outcome.
+    Requests sent that got no response (timeouts, resets, still waiting at
+    the end) are the difference to rate x duration."""
+    rows = list(csv.DictReader(io.StringIO(text)))
+    ok, rejected, other = [], [], 0
+    for r in rows:
+        status = r["status"].strip()
+        took = float(r["request-duration"]) * 1000
+        if status == "200":
+            ok.append(took)
+        elif status == "503":
+            rejected.append(took)
+        else:
+            other += 1
+    sent = max(len(rows), rate * duration)
+    errors = sent - len(rows)
+    total = max(1, sent)
+    return {
+        "requests": sent,
+        "responses": len(rows),
+        "goodput": len(ok) / duration,
+        "p50_ms": percentile(ok, 50),
+        "p99_ms": percentile(ok, 99),
+        "rejected_share": len(rejected) / total,
+        "rejected_p99_ms": percentile(rejected, 99),
+        "error_share": (errors + other) / total,
+    }
+
+
+def capacity(oha_bin, port, path):
+    oha(oha_bin, port, path, 3, connections=50)  # warm-up
+    out = json.loads(oha(oha_bin, port, path, 5, connections=50))
+    return out["statusCodeDistribution"].get("200", 0) / out["summary"]["total"]
+
+
+def spread(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--apps", default="cpu,next")
+    ap.add_argument("--setups", default="ampere,ampere-off,pm2,watt")
+    ap.add_argument("--factors", default="0.5,1,1.5,2")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--duration", type=int, default=12, help="seconds per measured run")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--ampere", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = ap.parse_args()
+
+    node = ensure_node()
+    oha_bin = ensure_oha()
+    setups = [s for s in args.setups.split(",") if s]
+    apps = [a for a in args.apps.split(",") if a]
+    factors = [float(f) for f in args.factors.split(",")]
+    if {"pm2", "watt"} & set(setups):
+        ensure_peers()
+    if "next" in apps:
+        prepare_next(node)
+    ampere = args.ampere
+    if ampere is None:
+        sh(["cargo", "build", "--release", "--quiet"], cwd=ROOT)
+        ampere = ROOT / "target" / "release" / "ampere"
+
+    runs, capacities = [], {}
+    for app_name in apps:
+        path = APPS[app_name]["path"]
+        with tempfile.TemporaryDirectory(prefix="ampere-overload-") as tmp:
+            port = free_port()
+            running = start("ampere-off", Path(tmp), node, port, ampere, app_name)
+            try:
+                wait_http(port, 60)
+                capacities[app_name] = capacity(oha_bin, port, path)
+            finally:
+                running.stop()
+        cap = capacities[app_name]
+        print(f"{app_name}: capacity {cap:.0f} req/s", file=sys.stderr)
+        for rnd in range(args.rounds):
+            for factor in factors:
+                rate = max(1, round(cap * factor))
+                for setup in (setups if rnd % 2 == 0 else setups[::-1]):
+                    with tempfile.TemporaryDirectory(prefix="ampere-overload-") as tmp:
+                        port = free_port()
+                        running = start(setup, Path(tmp), node, port, ampere, app_name)
+                        try:
+                            wait_http(port, 60)
+                            oha(oha_bin, port, path, args.warmup, rate=max(1, round(cap * 0.5)))
+                            m = analyse(oha(oha_bin, port, path, args.duration, rate=rate, csv_out=True),
+                                        args.duration, rate)
+                        finally:
+                            running.stop()
+                    m.update(app=app_name, setup=setup, factor=factor, rate=rate, round=rnd)
+                    runs.append(m)
+                    fmt = lambda v: "-" if v is None else f"{v:.1f}"
+                    print(f"{app_name} round {rnd} x{factor} {setup:10} goodput {m['goodput']:7.0f}/s"
+                          f"  p50 {fmt(m['p50_ms'])}  p99 {fmt(m['p99_ms'])} ms  503 {m['rejected_share']:.1%}"
+                          f" (p99 {fmt(m['rejected_p99_ms'])} ms)  errors {m['error_share']:.1%}", file=sys.stderr)
+
+    keys = ["goodput", "p50_ms", "p99_ms", "rejected_share", "rejected_p99_ms", "error_share"]
+    summary = {}
+    for app_name in apps:
+        for factor in factors:
+            for setup in setups:
+                rs = [r for r in runs if (r["app"], r["factor"], r["setup"]) == (app_name, factor, setup)]
+                summary[f"{app_name}/{factor}/{setup}"] = {k: spread([r[k] for r in rs]) for k in keys}
+
+    meta = machine_meta(node, oha_bin)
+    meta.update(rounds=args.rounds, duration_s=args.duration, capacities=capacities, factors=factors)
+    med = lambda s, d, m=1: "-" if s is None else f"{s['median'] * m:.{d}f} ({s['min'] * m:.{d}f}..{s['max'] * m:.{d}f})"
+    lines = [
+        "# bench/overload: goodput and latency beyond capacity",
+        "",
+        f"{meta['time']} on {meta['machine']}; node {meta['node']}; {meta['oha']}; 2 workers per setup; "
+        f"open loop (oha -q RATE --latency-correction, keep-alive, up to 1,000 connections, 5 s timeout), "
+        f"{args.duration} s per run after a {args.warmup} s warm-up; {args.rounds} interleaved rounds. "
+        f"Load average before: {meta['loadavg_before'][0]:.2f}.",
+        "",
+        "Capacity (ampere-off, closed loop, keep-alive, 50 connections): "
+        + ", ".join(f"{a} {c:.0f} req/s" for a, c in capacities.items()) + ".",
+        "",
+        "Medians (min..max). Goodput = 200s per second; p50/p99 of the 200s; 503 = share of responses that "
+        "were 503 (and their p99); errors = timeouts, resets, other statuses.",
+        "",
+        "| app | load | setup | goodput/s | % of capacity | p50 ms | p99 ms | 503 % | 503 p99 ms | errors % |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for app_name in apps:
+        for factor in factors:
+            for setup in setups:
+                s = summary[f"{app_name}/{factor}/{setup}"]
+                good = s["goodput"]
+                pct = f"{good['median'] / capacities[app_name] * 100:.0f}%" if good else "-"
+                lines.append(f"| {app_name} | {factor}x | {setup} | {med(good, 0)} | {pct} | {med(s['p50_ms'], 1)} | "
+                             f"{med(s['p99_ms'], 1)} | {med(s['rejected_share'], 1, 100)} | "
+                             f"{med(s['rejected_p99_ms'], 1)} | {med(s['error_share'], 1, 100)} |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    (args.out / f"overload-{stamp}.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": runs},
+                                                                indent=2))
+    (args.out / f"overload-{stamp}.md").write_text(table)
+    print(f"wrote {args.out}/overload-{stamp}.{{json,md}}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
