@@ -11,12 +11,18 @@
 //   so that their clients reconnect to a less busy worker.
 // - Admission control: answers 503 before the app's handler while the
 //   worker is overloaded.
+// - Tracing, when on: continues the W3C `traceparent` of each request (or
+//   starts a trace), passes the server span's context on to the app, and
+//   ships finished spans to the supervisor in batches.
 // - Dependency-free, and does nothing at all when not started by ampere.
 
 const LISTEN_FD = Number(process.env.AMPERE_LISTEN_FD);
 const CONTROL_FD = Number(process.env.AMPERE_CONTROL_FD);
 const PORT = Number(process.env.AMPERE_PORT);
 const HEARTBEAT_MS = Number(process.env.AMPERE_HEARTBEAT_MS) || 1000;
+// node calls listen(2) again on the adopted socket; keep the supervisor's
+// accept-queue length ([server] backlog) rather than node's 511.
+const BACKLOG = Number(process.env.AMPERE_BACKLOG) || undefined;
 const IDLE_GRACE_MS = 1000;
 // Request durations: off with AMPERE_REQUEST_METRICS=0 ([metrics] requests).
 const TIME_REQUESTS = process.env.AMPERE_REQUEST_METRICS !== '0';
@@ -29,6 +35,11 @@ const MAX_INFLIGHT = Number(process.env.AMPERE_MAX_INFLIGHT) || 0;
 const MAX_DELAY_MS = Number(process.env.AMPERE_MAX_DELAY_MS) || 0;
 const RETRY_AFTER = process.env.AMPERE_RETRY_AFTER || '1';
 const LAG_TICK_MS = 10;
+// Tracing ([telemetry]): the share of new traces to record; unset: off.
+const TRACE_RATIO = process.env.AMPERE_TRACE_RATIO === undefined ? -1 : Number(process.env.AMPERE_TRACE_RATIO);
+const TRACING = TRACE_RATIO >= 0;
+const SPAN_BATCH = 256;
+const MAX_PENDING_SPANS = 8192;
 
 // The descriptors belong to this process only: children that the app spawns
 // (and that may preload this file through NODE_OPTIONS) must not adopt them.
@@ -88,6 +99,7 @@ function start() {
   // so counting allocates nothing per request.
   function onResponseClose() {
     inflight--;
+    if (TRACING && this[kSpan] !== undefined) endSpan(this);
     if (!TIME_REQUESTS) return;
     const seconds = (performance.now() - this[kStart]) / 1000;
     const key = (METHOD_INDEX[this.req?.method] ?? 7) * 1000 + this.statusCode;
@@ -116,7 +128,9 @@ function start() {
       server = this;
       adopt(this);
       const cb = typeof args[args.length - 1] === 'function' ? args[args.length - 1] : undefined;
-      return origListen.call(this, { fd: LISTEN_FD }, cb);
+      // listen(handle, backlog, cb): with a handle, node takes the backlog
+      // from the arguments only.
+      return origListen.call(this, { fd: LISTEN_FD }, BACKLOG, cb);
     }
     const port = portOf(args);
     if (port !== undefined && port !== 0) {
@@ -127,6 +141,10 @@ function start() {
 
   function adopt(srv) {
     srv.once('listening', () => {
+      // The app's own start-up (loading modules, compiling) is not lateness
+      // that requests waited behind.
+      lastTick = performance.now();
+      lag = 0;
       const addr = srv.address();
       send({ type: 'listening', pid: process.pid, node: process.version, address: addr && addr.address, port: addr && addr.port });
     });
@@ -140,13 +158,18 @@ function start() {
         requests++;
         // Early rejection, before any app code: the two bounds are plain
         // comparisons, so a worker that is not overloaded pays nothing.
-        if ((MAX_INFLIGHT !== 0 && inflight >= MAX_INFLIGHT) || (MAX_DELAY_MS !== 0 && lag > MAX_DELAY_MS)) {
-          reject(res, inflight >= MAX_INFLIGHT && MAX_INFLIGHT !== 0 ? 'inflight' : 'delay');
+        if (MAX_INFLIGHT !== 0 && inflight >= MAX_INFLIGHT) {
+          reject(res, 'inflight');
+          return;
+        }
+        if (MAX_DELAY_MS !== 0 && (lag > MAX_DELAY_MS || performance.now() - lastTick > LATE_MS)) {
+          reject(res, 'delay');
           return;
         }
         inflight++;
         if (shedLeft !== 0 && res.shouldKeepAlive) shedOne(res);
         if (TIME_REQUESTS) res[kStart] = performance.now();
+        if (TRACING) startSpan(req, res);
         res.on('close', onResponseClose);
         return handler.call(this, req, res);
       };
@@ -161,6 +184,7 @@ function start() {
         requests++;
         if (shedLeft !== 0 && res.shouldKeepAlive) shedOne(res);
         if (TIME_REQUESTS) res[kStart] = performance.now();
+        if (TRACING) startSpan(req, res);
         res.on('close', onResponseClose);
       });
     }
@@ -168,26 +192,101 @@ function start() {
 
   // Event-loop lag, measured continuously: how late a 10 ms timer fires.
   // After the loop was blocked, timers run before I/O, so the requests that
-  // waited behind the block already see it.
+  // waited behind the block already see it. Within one long turn of the
+  // loop (hundreds of requests read at once), the timer cannot fire: the
+  // time since it last did says how late the loop is running now.
   let lag = 0;
+  let lastTick = performance.now();
+  const LATE_MS = LAG_TICK_MS + MAX_DELAY_MS;
   if (MAX_DELAY_MS !== 0) {
-    let last = performance.now();
     setInterval(() => {
       const now = performance.now();
-      lag = Math.max(0, now - last - LAG_TICK_MS);
-      last = now;
+      lag = Math.max(0, now - lastTick - LAG_TICK_MS);
+      lastTick = now;
     }, LAG_TICK_MS).unref();
   }
   let rejected = { inflight: 0, delay: 0 };
+  // The supervisor hears of overload at once (to steer new connections
+  // elsewhere), and that it ended with the next heartbeat without rejections.
+  let overloadSent = false;
   function reject(res, reason) {
     rejected[reason]++;
+    if (!overloadSent) {
+      overloadSent = true;
+      send({ type: 'overloaded', reason });
+    }
     res.writeHead(503, { 'retry-after': RETRY_AFTER, connection: 'close', 'content-type': 'text/plain' });
     res.end('overloaded\n');
   }
+  let rejectedLast = 0;
   function takeRejected() {
     const out = rejected;
+    rejectedLast = out.inflight + out.delay;
     rejected = { inflight: 0, delay: 0 };
     return out;
+  }
+
+  // Tracing: one server span per sampled request.
+  const kSpan = Symbol('ampere.span');
+  const TRACEPARENT = /^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-|$)/;
+  const ZERO_TRACE = '0'.repeat(32);
+  const ZERO_SPAN = '0'.repeat(16);
+  let spans = [];
+  let ids = Buffer.alloc(0);
+  let idsAt = 0;
+  function randomHex(bytes) {
+    if (idsAt + bytes > ids.length) {
+      ids = require('node:crypto').randomBytes(4096);
+      idsAt = 0;
+    }
+    idsAt += bytes;
+    return ids.toString('hex', idsAt - bytes, idsAt);
+  }
+  const nowUs = () => Math.round((performance.timeOrigin + performance.now()) * 1000);
+  function startSpan(req, res) {
+    const header = req.headers.traceparent;
+    const m = typeof header === 'string' ? TRACEPARENT.exec(header) : null;
+    let traceId;
+    let parent = null;
+    let sampled;
+    if (m !== null && m[1] !== 'ff' && m[2] !== ZERO_TRACE && m[3] !== ZERO_SPAN) {
+      traceId = m[2];
+      parent = m[3];
+      sampled = (parseInt(m[4], 16) & 1) === 1;
+    } else {
+      traceId = randomHex(16);
+      sampled = TRACE_RATIO >= 1 || Math.random() < TRACE_RATIO;
+    }
+    const spanId = randomHex(8);
+    // The app, and any instrumentation of its own, continue from this span.
+    req.headers.traceparent = `00-${traceId}-${spanId}-${sampled ? '01' : '00'}`;
+    if (sampled) res[kSpan] = { traceId, spanId, parent, start: nowUs() };
+  }
+  function endSpan(res) {
+    const span = res[kSpan];
+    const req = res.req;
+    const url = req?.url ?? '/';
+    const q = url.indexOf('?');
+    // Express knows the route pattern once it has matched one.
+    const route = typeof req?.route?.path === 'string' ? (req.baseUrl || '') + req.route.path : null;
+    if (spans.length >= MAX_PENDING_SPANS) return;
+    spans.push({
+      trace_id: span.traceId,
+      span_id: span.spanId,
+      parent_span_id: span.parent,
+      method: req?.method ?? 'GET',
+      path: q < 0 ? url : url.slice(0, q),
+      route,
+      status: res.statusCode,
+      start_us: span.start,
+      end_us: nowUs(),
+    });
+    if (spans.length >= SPAN_BATCH) flushSpans();
+  }
+  function flushSpans() {
+    if (spans.length === 0) return;
+    send({ type: 'spans', spans });
+    spans = [];
   }
 
   // This response tells its client to reconnect (and be steered anew).
@@ -260,7 +359,9 @@ function start() {
       shed,
     });
     shed = 0;
+    if (overloadSent && rejectedLast === 0) overloadSent = false;
     delay.reset();
+    if (TRACING) flushSpans();
     const high = heap.used_heap_size > heapLimit / 2;
     setTimeout(beat, high ? Math.min(100, HEARTBEAT_MS) : HEARTBEAT_MS).unref();
   };

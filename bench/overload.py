@@ -13,9 +13,11 @@ bench/apps/next: a Next.js App Router page rendered on every request), with
    rounds): a warm-up, then oha at that constant arrival rate with latency
    correction, keep-alive, up to 1,000 connections, a 5 s client timeout.
 
-Setups: ampere (defaults: admission control, load-aware steering,
-rebalancing, overflow listener), ampere-off (all of those off), pm2
-(cluster mode, 2 instances), watt (wattpm, 2 workers).
+Setups: ampere (defaults: admission control with max_delay 100 ms,
+load-aware steering, rebalancing, overflow listener), ampere-strict (the
+same with max_delay 20 ms), ampere-off (all of those off), pm2 (cluster
+mode, 2 instances), watt (wattpm, 2 workers). With --pin (the default),
+every setup runs on the last CPU and oha on the others.
 
 Reported per setup and rate (medians over rounds, with min..max): goodput
 (200s per second), p50 and p99 of the 200s, the share of 503s, the share
@@ -48,6 +50,13 @@ APPS = {
     "cpu": {"dir": ROOT / "bench" / "apps" / "cpu", "path": "/"},
     "next": {"dir": ROOT / "bench" / "apps" / "next", "path": "/"},
 }
+# Servers on the last CPU, the load generator on the others (--pin): the
+# load generator's own CPU, which grows with the offered rate, must not come
+# out of the servers' budget, or "2x capacity" measures oha.
+PIN = []
+LOAD_PIN = []
+# Extra config for the "ampere" setup (--ampere-config).
+AMPERE_EXTRA = [""]
 OFF = ("[overload]\nenabled = false\n"
        "[balance]\nload_aware = false\nrebalance = false\noverflow = false\n")
 
@@ -80,10 +89,10 @@ def start_ampere(work, node, port, ampere, app_name, off):
     cfg.write_text(
         f'[app]\ndir = "{app}"\nentry = "{script}"\nargs = {json.dumps(args(port))}\n'
         f'[node]\nexecutable = "{node}"\n'
-        f'[logger]\nlevel = "warn"\n[metrics]\nenabled = false\n' + (OFF if off else "")
+        f'[logger]\nlevel = "warn"\n[metrics]\nenabled = false\n' + (OFF if off else AMPERE_EXTRA[0])
     )
     log = work / "ampere.log"
-    proc = subprocess.Popen([str(ampere), "start", "--config", str(cfg), "--host", HOST, "--port", str(port),
+    proc = subprocess.Popen(PIN + [str(ampere), "start", "--config", str(cfg), "--host", HOST, "--port", str(port),
                              "--workers", "2"], stdout=open(log, "w"), stderr=subprocess.STDOUT,
                             env={**os.environ, "NEXT_TELEMETRY_DISABLED": "1"})
 
@@ -105,7 +114,7 @@ def start_pm2(work, node, port, app_name):
     pm2 = TOOLS / "node_modules" / "pm2" / "bin" / "pm2"
     script, args = launch(app_name)
     log = work / "pm2.log"
-    cmd = [str(node), str(pm2), "start", str(script), "-i", "2", "--name", "app", "-o", str(log), "-e", str(log),
+    cmd = PIN + [str(node), str(pm2), "start", str(script), "-i", "2", "--name", "app", "-o", str(log), "-e", str(log),
            "--merge-logs", "--cwd", str(APPS[app_name]["dir"])]
     extra = args(port)
     if extra:
@@ -145,7 +154,7 @@ def start_watt(work, node, port, app_name):
     wattpm = TOOLS / "node_modules" / "wattpm" / "bin" / "cli.js"
     env = {**os.environ, "PATH": f"{node_bin(node)}:{os.environ['PATH']}", "PORT": str(port),
            "NEXT_TELEMETRY_DISABLED": "1"}
-    proc = subprocess.Popen([str(node), str(wattpm), "start"], cwd=app, env=env, stdout=open(log, "w"),
+    proc = subprocess.Popen(PIN + [str(node), str(wattpm), "start"], cwd=app, env=env, stdout=open(log, "w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
 
     def stop():
@@ -160,9 +169,22 @@ def start_watt(work, node, port, app_name):
     return Running("watt", proc, log, stop, lambda: [proc.pid])
 
 
+# ampere with a tighter bound on event-loop lateness than the default.
+STRICT = '[overload]\nmax_delay = "20ms"\n'
+
+
 def start(setup, work, node, port, ampere, app_name):
     if setup == "ampere":
         return start_ampere(work, node, port, ampere, app_name, off=False)
+    if setup == "ampere-strict":
+        saved = AMPERE_EXTRA[0]
+        AMPERE_EXTRA[0] = STRICT
+        try:
+            running = start_ampere(work, node, port, ampere, app_name, off=False)
+        finally:
+            AMPERE_EXTRA[0] = saved
+        running.name = "ampere-strict"
+        return running
     if setup == "ampere-off":
         return start_ampere(work, node, port, ampere, app_name, off=True)
     if setup == "pm2":
@@ -173,10 +195,10 @@ def start(setup, work, node, port, ampere, app_name):
 
 
 def oha(oha_bin, port, path, duration, rate=None, connections=1000, csv_out=False):
-    cmd = [oha_bin, "-z", f"{duration}s", "-c", str(connections), "-t", "5s", "--no-tui",
+    cmd = LOAD_PIN + [oha_bin, "-z", f"{duration}s", "-c", str(connections), "-t", "5s", "--no-tui",
            "--output-format", "csv" if csv_out else "json", f"http://{HOST}:{port}{path}"]
     if rate is not None:
-        cmd[1:1] = ["-q", str(rate), "--latency-correction"]
+        cmd[len(LOAD_PIN) + 1:len(LOAD_PIN) + 1] = ["-q", str(rate), "--latency-correction"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 90)
     if out.returncode != 0 and not out.stdout:
         raise RuntimeError(f"oha failed: {out.stderr[-500:]}")
@@ -238,17 +260,26 @@ def spread(values):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--apps", default="cpu,next")
-    ap.add_argument("--setups", default="ampere,ampere-off,pm2,watt")
+    ap.add_argument("--setups", default="ampere,ampere-strict,ampere-off,pm2,watt")
     ap.add_argument("--factors", default="0.5,1,1.5,2")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=int, default=12, help="seconds per measured run")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--ampere", type=Path, default=None)
+    ap.add_argument("--ampere-config", default="", help="extra TOML for the ampere setup")
+    ap.add_argument("--no-pin", action="store_true",
+                    help="let servers and load generator share every CPU (default: servers on the last CPU, "
+                         "oha on the others)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
 
     node = ensure_node()
     oha_bin = ensure_oha()
+    AMPERE_EXTRA[0] = args.ampere_config.replace("\\n", "\n")
+    if not args.no_pin:
+        n = os.cpu_count()
+        PIN[:] = ["taskset", "-c", str(n - 1)]
+        LOAD_PIN[:] = ["taskset", "-c", f"0-{n - 2}" if n > 2 else "0"]
     setups = [s for s in args.setups.split(",") if s]
     apps = [a for a in args.apps.split(",") if a]
     factors = [float(f) for f in args.factors.split(",")]

@@ -74,6 +74,15 @@ const CAPACITY_ALPHA: f64 = 0.2;
 /// Heartbeats of a new worker that say nothing yet: its code is still being
 /// compiled, its first interval is partly idle.
 const WARM_UP_BEATS: u32 = 2;
+/// A slot rejecting less than this share of its requests counts as calm:
+/// it takes what the rejecting slots cannot.
+const CALM: f64 = 0.02;
+/// How fast the overflow share grows while every worker rejects (per
+/// round of heartbeats, times the share rejected) and decays otherwise.
+const OVERFLOW_GAIN: f64 = 0.5;
+const OVERFLOW_DECAY: f64 = 0.2;
+/// Smoothing of the share of requests a slot rejects.
+const REJECT_ALPHA: f64 = 0.5;
 /// After shedding, a worker waits this long before it sheds again: long
 /// enough for the moved load to show in its smoothed utilisation.
 const SHED_COOLDOWN: Duration = Duration::from_secs(2);
@@ -91,6 +100,8 @@ struct SlotLoad {
     shed_at: Option<Instant>,
     /// Heartbeats since the worker became ready.
     beats: u32,
+    /// Smoothed share (0..1) of its requests that the worker answers 503.
+    rejecting: f64,
 }
 
 /// What the balancer reads from one heartbeat.
@@ -99,14 +110,19 @@ pub struct Beat {
     pub elu: f64,
     /// The interval the utilisation was measured on.
     pub interval: Option<Duration>,
-    /// Requests since the worker started.
+    /// Requests since the worker started (rejected ones included).
     pub requests: u64,
+    /// Requests answered 503 over the interval.
+    pub rejected: u64,
     pub conns: u64,
 }
 
 pub struct Balancer {
     cfg: BalanceConfig,
     overflow: bool,
+    /// The overflow listener's share of new connections: grows while every
+    /// worker rejects, shrinks once one does not.
+    overflow_share: f64,
     slots: Vec<SlotLoad>,
     attached: Option<Weights>,
 }
@@ -116,6 +132,7 @@ impl Balancer {
     pub fn new(cfg: BalanceConfig, slots: usize, overflow: bool) -> Self {
         Balancer {
             overflow: overflow && cfg.overflow,
+            overflow_share: 0.0,
             cfg,
             slots: vec![SlotLoad::default(); slots],
             attached: None,
@@ -139,6 +156,21 @@ impl Balancer {
         };
         s.beats += 1;
         s.conns = beat.conns;
+        if let Some((_, before)) = s.last {
+            let done = beat.requests.saturating_sub(before);
+            let share = if done == 0 {
+                0.0
+            } else {
+                (beat.rejected as f64 / done as f64).min(1.0)
+            };
+            s.rejecting = s.rejecting + REJECT_ALPHA * (share - s.rejecting);
+        } else if beat.rejected > 0 {
+            s.rejecting = 1.0;
+        }
+        self.update_overflow_share();
+        let Some(s) = self.slots.get_mut(slot) else {
+            return;
+        };
         if s.beats <= WARM_UP_BEATS {
             s.last = Some((now, beat.requests));
             return;
@@ -159,18 +191,49 @@ impl Balancer {
         s.last = Some((now, beat.requests));
     }
 
+    /// Integrates the overflow share over heartbeats: while every worker
+    /// with a heartbeat rejects requests, a part of what still reaches the
+    /// workers moves to the overflow listener; once one rejects nothing, the
+    /// share decays. It settles where the workers get about what they can
+    /// serve, so that the 503s come from Rust, not from busy event loops.
+    fn update_overflow_share(&mut self) {
+        if !self.overflow {
+            return;
+        }
+        let live: Vec<f64> = self
+            .slots
+            .iter()
+            .filter(|s| s.beats > 0)
+            .map(|s| s.rejecting)
+            .collect();
+        let n = self.slots.len().max(1) as f64;
+        if !live.is_empty() && live.iter().all(|r| *r >= CALM) {
+            let mean = live.iter().sum::<f64>() / live.len() as f64;
+            self.overflow_share += (1.0 - self.overflow_share) * mean * OVERFLOW_GAIN / n;
+        } else {
+            self.overflow_share *= 1.0 - OVERFLOW_DECAY / n;
+        }
+        if self.overflow_share < 0.001 {
+            self.overflow_share = 0.0;
+        }
+    }
+
     /// The weights for slots in the given states.
+    ///
+    /// Ready slots share new connections by capacity. The part of a slot's
+    /// share that it is rejecting (503s over requests, smoothed; at least
+    /// half while the agent says it is overloaded) moves to the slots that
+    /// reject nothing, or, when every ready slot is rejecting, to the
+    /// overflow listener. So at twice the capacity about half of the new
+    /// connections get their 503 from Rust, and the ramp back after an
+    /// overload follows the measured rejections instead of flooding a
+    /// worker that just recovered.
     pub fn weights(&self, avail: &[Availability]) -> Weights {
         let n = avail.len();
-        let accepting: Vec<usize> = (0..n)
-            .filter(|i| avail[*i] == Availability::Accepting)
+        let ready: Vec<usize> = (0..n)
+            .filter(|i| avail[*i] != Availability::Unavailable)
             .collect();
-        let mut slots = vec![0u32; n];
-        if accepting.is_empty() {
-            let overloaded = avail.contains(&Availability::Overloaded);
-            if overloaded && self.overflow {
-                return Weights { slots, overflow: 1 };
-            }
+        if ready.is_empty() {
             // Nothing better: connections wait in the slots' queues for
             // the workers starting there.
             return Weights {
@@ -178,7 +241,7 @@ impl Balancer {
                 overflow: 0,
             };
         }
-        let capacities: Vec<Option<f64>> = accepting
+        let capacities: Vec<Option<f64>> = ready
             .iter()
             .map(|i| {
                 self.slots
@@ -195,13 +258,62 @@ impl Balancer {
         };
         let caps: Vec<f64> = capacities.iter().map(|c| c.unwrap_or(fallback)).collect();
         let total: f64 = caps.iter().sum();
-        let floor = MIN_SHARE / accepting.len() as f64;
+        let floor = MIN_SHARE / ready.len() as f64;
         let shares: Vec<f64> = caps.iter().map(|c| (c / total).max(floor)).collect();
         let sum: f64 = shares.iter().sum();
-        for (i, share) in accepting.iter().zip(shares) {
-            slots[*i] = ((share / sum * SCALE).round() as u32).max(1);
+        let shares: Vec<f64> = shares.iter().map(|s| s / sum).collect();
+
+        let rejecting: Vec<f64> = ready
+            .iter()
+            .map(|i| {
+                let r = self.slots.get(*i).map_or(0.0, |s| s.rejecting);
+                if avail[*i] == Availability::Overloaded {
+                    r.max(0.5)
+                } else {
+                    r
+                }
+            })
+            .collect();
+        let mut kept: Vec<f64> = shares
+            .iter()
+            .zip(&rejecting)
+            .map(|(s, r)| s * (1.0 - r))
+            .collect();
+        let spilled: f64 = shares.iter().zip(&rejecting).map(|(s, r)| s * r).sum();
+        let calm: Vec<usize> = (0..ready.len()).filter(|k| rejecting[*k] < CALM).collect();
+        let mut overflow = 0.0;
+        if !calm.is_empty() {
+            let calm_total: f64 = calm.iter().map(|k| kept[*k]).sum();
+            for k in &calm {
+                kept[*k] += spilled * kept[*k] / calm_total;
+            }
+        } else if self.overflow {
+            overflow = spilled;
         }
-        Weights { slots, overflow: 0 }
+        // What the integrator learnt the workers cannot take, on top.
+        if self.overflow && self.overflow_share > overflow {
+            let scale = (1.0 - self.overflow_share) / (1.0 - overflow).max(f64::EPSILON);
+            kept.iter_mut().for_each(|k| *k *= scale);
+            overflow = self.overflow_share;
+        }
+        let mut slots = vec![0u32; n];
+        if kept.iter().all(|k| *k <= 0.0) && overflow <= 0.0 {
+            // Every slot rejects everything and there is no overflow
+            // listener: share equally, the agents answer 503 themselves.
+            for i in &ready {
+                slots[*i] = 1;
+            }
+            return Weights { slots, overflow: 0 };
+        }
+        for (i, k) in ready.iter().zip(&kept) {
+            if *k > 0.0 {
+                slots[*i] = ((k * SCALE).round() as u32).max(1);
+            }
+        }
+        Weights {
+            slots,
+            overflow: (overflow * SCALE).round() as u32,
+        }
     }
 
     /// Whether `w` differs enough from the attached weights to attach it: a
@@ -299,6 +411,7 @@ mod tests {
                     elu: *elu,
                     interval: None,
                     requests,
+                    rejected: 0,
                     conns: *conns,
                 };
                 b.on_heartbeat(i, now, beat);
@@ -335,21 +448,41 @@ mod tests {
     }
 
     #[test]
-    fn unavailable_and_overloaded_slots_get_nothing_and_overflow_takes_the_rest() {
+    fn rejected_shares_move_to_calm_slots_or_else_to_the_overflow_listener() {
         let b = balancer();
+        // Overloaded by the agent's word alone: half its share moves.
         let w = b.weights(&[Overloaded, Accepting]);
-        assert_eq!(w.slots[0], 0);
-        assert!(w.slots[1] > 0);
+        assert_eq!((w.slots.clone(), w.overflow), (vec![2500, 7500], 0));
         let w = b.weights(&[Overloaded, Overloaded]);
-        assert_eq!((w.slots.clone(), w.overflow), (vec![0, 0], 1));
+        assert_eq!((w.slots.clone(), w.overflow), (vec![2500, 2500], 5000));
         let w = b.weights(&[Overloaded, Unavailable]);
-        assert_eq!(w.overflow, 1);
+        assert_eq!((w.slots.clone(), w.overflow), (vec![5000, 0], 5000));
+        // Measured: both reject everything.
+        let mut b = balancer();
+        let start = Instant::now();
+        for k in 0..4u64 {
+            for i in 0..2 {
+                let beat = Beat {
+                    elu: 0.9,
+                    interval: None,
+                    requests: k * 100,
+                    rejected: if k == 0 { 0 } else { 100 },
+                    conns: 10,
+                };
+                b.on_heartbeat(i, start + Duration::from_millis(500 * k), beat);
+            }
+        }
+        let w = b.weights(&[Overloaded, Overloaded]);
+        let (shares, overflow) = w.shares();
+        assert!(overflow > 0.85, "{shares:?} {overflow}");
+        assert_eq!(b.weights(&[Unavailable, Unavailable]).overflow, 0);
         // Nobody ready yet: connections wait in the queues.
         let w = b.weights(&[Unavailable, Unavailable]);
         assert_eq!((w.slots.clone(), w.overflow), (vec![1, 1], 0));
         // Without an overflow listener, overloaded workers keep their queues.
         let b = Balancer::new(BalanceConfig::default(), 2, false);
-        assert_eq!(b.weights(&[Overloaded, Overloaded]).overflow, 0);
+        let w = b.weights(&[Overloaded, Overloaded]);
+        assert_eq!((w.slots.clone(), w.overflow), (vec![2500, 2500], 0));
     }
 
     #[test]

@@ -16,6 +16,7 @@ use crate::supervisor::{Outcome, Supervisor};
 use crate::telemetry::logs::{self, Logs};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::probes::{self, ProbeState};
+use crate::telemetry::traces;
 use crate::worker::Command;
 
 #[derive(Debug, Parser)]
@@ -150,7 +151,8 @@ fn start(args: &StartArgs) -> Result<ExitCode> {
     let probes = ProbeState::new();
     let metrics = Arc::new(Metrics::new());
     let metrics_for_overflow = metrics.clone();
-    let supervisor = Supervisor::new(
+    let traces = traces::start(&config.telemetry, &settings.service, metrics.clone())?;
+    let mut supervisor = Supervisor::new(
         settings,
         command,
         listeners,
@@ -165,6 +167,10 @@ fn start(args: &StartArgs) -> Result<ExitCode> {
                     tracing::error!(error = %e, "the probe server stopped");
                 }
             });
+        }
+        if let Some((traces, task)) = traces {
+            supervisor.set_traces(traces);
+            tokio::spawn(task.run());
         }
         if let Some(listener) = overflow {
             let metrics = metrics_for_overflow;

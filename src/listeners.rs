@@ -84,7 +84,9 @@ impl Listeners {
         let socket = new_socket(self.addr)?;
         socket.set_reuse_port(true)?;
         socket.bind(&self.addr.into())?;
-        socket.listen(self.backlog)?;
+        // The overflow listener takes connections in bursts (every client
+        // turned away by a worker reconnects) and drains its queue fast.
+        socket.listen(self.backlog.max(4096))?;
         socket.set_nonblocking(true)?;
         let listener = socket.try_clone()?;
         self.overflow = Some(socket);

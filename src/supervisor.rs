@@ -26,6 +26,7 @@ use crate::listeners::Listeners;
 use crate::telemetry::logs::Logs;
 use crate::telemetry::metrics::{Metrics, Snapshot, WorkerSample};
 use crate::telemetry::probes::ProbeState;
+use crate::telemetry::traces::Traces;
 use crate::worker::control::{HTTP_BUCKETS, HttpDurations, Rejected};
 use crate::worker::{
     self, AgentMessage, Command, Event, State, SupervisorMessage, Worker, WorkerEvent,
@@ -122,6 +123,8 @@ pub struct Supervisor {
     rolling: Option<Rolling>,
     /// Steering weights and keep-alive rebalancing.
     balancer: Balancer,
+    /// Where span batches go, when tracing is on.
+    traces: Option<Traces>,
 }
 
 /// How the run ended.
@@ -186,7 +189,13 @@ impl Supervisor {
             events,
             shutting_down: false,
             rolling: None,
+            traces: None,
         }
+    }
+
+    /// Exports the agents' spans through `traces`.
+    pub fn set_traces(&mut self, traces: Traces) {
+        self.traces = Some(traces);
     }
 
     pub async fn run(mut self) -> std::io::Result<Outcome> {
@@ -299,6 +308,7 @@ impl Supervisor {
         };
         let mut durations = Vec::new();
         let mut rejected = None;
+        let mut overloaded = None;
         let action = match ev.event {
             Event::Exited(_) => Action::None,
             Event::BadMessage(e) => {
@@ -347,6 +357,7 @@ impl Supervisor {
                         interval: (hb.interval_ms > 0.0)
                             .then(|| Duration::from_secs_f64(hb.interval_ms / 1e3)),
                         requests: hb.requests,
+                        rejected: hb.rejected.total(),
                         conns: hb.conns,
                     };
                     self.balancer.on_heartbeat(index, now, beat);
@@ -385,10 +396,23 @@ impl Supervisor {
                 w.signal(Signal::SIGTERM);
                 Action::None
             }
+            Event::Message(AgentMessage::Overloaded { reason }) => {
+                overloaded = Some(reason);
+                Action::None
+            }
+            Event::Message(AgentMessage::Spans { spans }) => {
+                if let Some(t) = &self.traces {
+                    t.submit(spans);
+                }
+                Action::None
+            }
             Event::Message(AgentMessage::Unknown) => Action::None,
         };
         if let Some((r, inflight, delay_p99_ms)) = rejected {
             self.on_rejections(index, r, inflight, delay_p99_ms);
+        }
+        if let Some(reason) = overloaded {
+            self.on_overloaded(index, &reason);
         }
         // Request durations add up per slot, across the processes in it.
         let slot_http = &mut self.slots[index].http;
@@ -680,6 +704,7 @@ impl Supervisor {
                     match (was_overflowing, weights.overflow > 0) {
                         (false, true) => warn!(
                             service = &*self.service,
+                            overflow_share = weights.shares().1,
                             "every worker is overloaded: new connections get 503 from the overflow listener"
                         ),
                         (true, false) => info!(
@@ -713,6 +738,22 @@ impl Supervisor {
 
     /// Counts a heartbeat's early rejections, and logs when a worker enters
     /// or leaves overload.
+    /// The agent says it started rejecting: steer new connections away now,
+    /// not at the next heartbeat.
+    fn on_overloaded(&mut self, index: usize, reason: &str) {
+        let slot = &mut self.slots[index];
+        if !slot.overloaded {
+            slot.overloaded = true;
+            warn!(
+                service = &*self.service,
+                worker = index,
+                worker_pid = slot.worker.as_ref().map_or(0, |w| w.pid),
+                reason,
+                "worker overloaded: answering 503 before the app"
+            );
+        }
+    }
+
     fn on_rejections(&mut self, index: usize, r: Rejected, inflight: u64, delay_p99_ms: f64) {
         let slot = &mut self.slots[index];
         slot.rejected.inflight += r.inflight;

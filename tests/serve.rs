@@ -84,7 +84,8 @@ fn nextjs_app_router_unmodified() {
 /// one socket, accepted from by every worker.
 #[test]
 fn shared_listener_mode_serves_from_one_socket() {
-    let config = hello_config("[server]\nlistener = \"shared\"\n");
+    // Blocking requests make the loops late: no admission control here.
+    let config = hello_config("[server]\nlistener = \"shared\"\n[overload]\nenabled = false\n");
     let mut ampere = Ampere::start(
         &fixture("hello"),
         &["--workers", "2", "--config", &config.path],

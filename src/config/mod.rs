@@ -43,6 +43,7 @@ pub struct Config {
     pub balance: BalanceConfig,
     pub metrics: MetricsConfig,
     pub logger: LoggerConfig,
+    pub telemetry: TelemetryConfig,
 }
 
 /// Where the service listens and how many workers serve it.
@@ -239,7 +240,9 @@ impl Default for OverloadConfig {
         OverloadConfig {
             enabled: true,
             max_inflight: 1000,
-            max_delay: Duration::from_millis(500),
+            // A loop running 100 ms late means every request on it has
+            // waited that long already; GC pauses stay well below.
+            max_delay: Duration::from_millis(100),
             retry_after: Duration::from_secs(1),
         }
     }
@@ -345,6 +348,34 @@ impl Default for ShutdownConfig {
     fn default() -> Self {
         ShutdownConfig {
             timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Traces: the agent records a server span for every sampled request (W3C
+/// `traceparent` in, the span's own context passed on to the app) and the
+/// supervisor exports them over OTLP/HTTP (protobuf). Off by default.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    pub enabled: bool,
+    /// OTLP/HTTP traces endpoint (an OpenTelemetry Collector, Jaeger, Tempo...).
+    pub endpoint: EnvString,
+    /// `service.name` of the spans; the service's name when unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service_name: Option<EnvString>,
+    /// Fraction (0..1) of requests without a `traceparent` that start a
+    /// recorded trace. Requests with one follow its sampled flag.
+    pub sampling_ratio: f64,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            enabled: false,
+            endpoint: "http://localhost:4318/v1/traces".into(),
+            service_name: None,
+            sampling_ratio: 1.0,
         }
     }
 }

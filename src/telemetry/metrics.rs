@@ -56,6 +56,8 @@ pub struct Metrics {
     snapshot: Mutex<Snapshot>,
     /// Requests the overflow listener answered 503.
     overflow: AtomicU64,
+    spans_exported: AtomicU64,
+    spans_dropped: AtomicU64,
 }
 
 type Labels = Vec<(&'static str, String)>;
@@ -67,7 +69,18 @@ impl Metrics {
             started: Instant::now(),
             snapshot: Mutex::new(Snapshot::default()),
             overflow: AtomicU64::new(0),
+            spans_exported: AtomicU64::new(0),
+            spans_dropped: AtomicU64::new(0),
         }
+    }
+
+    pub fn count_spans_exported(&self, n: u64) {
+        self.spans_exported.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Spans lost: the export queue was full or the collector failed.
+    pub fn count_spans_dropped(&self, n: u64) {
+        self.spans_dropped.fetch_add(n, Ordering::Relaxed);
     }
 
     /// One request answered 503 by the overflow listener.
@@ -116,6 +129,22 @@ impl Metrics {
             "Supervisor log records dropped because stdout did not keep up",
             dropped,
         );
+        for (name, help, n) in [
+            (
+                "ampere_spans_exported",
+                "Server spans exported over OTLP",
+                &self.spans_exported,
+            ),
+            (
+                "ampere_spans_dropped",
+                "Server spans dropped: export queue full or collector failing",
+                &self.spans_dropped,
+            ),
+        ] {
+            let c = Counter::<u64>::default();
+            c.inc_by(n.load(Ordering::Relaxed));
+            registry.register(name, help, c);
+        }
         let uptime = FloatGauge::default();
         uptime.set(self.started.elapsed().as_secs_f64());
         registry.register(

@@ -23,6 +23,16 @@ pub enum AgentMessage {
     Heartbeat(Heartbeat),
     /// The worker stopped accepting and its last connection closed.
     Drained,
+    /// The agent started answering 503 (the next heartbeat with no
+    /// rejections says it stopped).
+    Overloaded {
+        #[serde(default)]
+        reason: String,
+    },
+    /// Server spans of finished requests, batched.
+    Spans {
+        spans: Vec<AgentSpan>,
+    },
     /// Anything newer than this supervisor knows.
     #[serde(other)]
     Unknown,
@@ -59,6 +69,26 @@ pub struct Heartbeat {
     /// Keep-alive connections closed on a `shed` order since the previous
     /// heartbeat.
     pub shed: u64,
+}
+
+/// One request's server span, as the agent records it.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct AgentSpan {
+    /// 32 lowercase hex digits.
+    pub trace_id: String,
+    /// 16 lowercase hex digits.
+    pub span_id: String,
+    /// From the request's `traceparent`, if it had one.
+    pub parent_span_id: Option<String>,
+    pub method: String,
+    pub path: String,
+    /// The route pattern, where the framework says (Express `req.route`).
+    pub route: Option<String>,
+    pub status: u16,
+    /// Microseconds since the Unix epoch.
+    pub start_us: u64,
+    pub end_us: u64,
 }
 
 /// Early rejections by reason.

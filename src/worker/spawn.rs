@@ -104,6 +104,12 @@ impl Command {
             "AMPERE_PORT".into(),
             settings.addr.port().to_string().into(),
         ));
+        // node's listen() calls listen(2) again on the inherited socket,
+        // with its own default backlog (511) unless told.
+        env.push((
+            "AMPERE_BACKLOG".into(),
+            cfg.server.backlog.to_string().into(),
+        ));
         if cfg.overload.enabled {
             let o = &cfg.overload;
             env.push((
@@ -117,6 +123,10 @@ impl Command {
         }
         if !cfg.metrics.requests {
             env.push(("AMPERE_REQUEST_METRICS".into(), "0".into()));
+        }
+        if cfg.telemetry.enabled {
+            let ratio = cfg.telemetry.sampling_ratio.clamp(0.0, 1.0);
+            env.push(("AMPERE_TRACE_RATIO".into(), ratio.to_string().into()));
         }
         env.push((
             "AMPERE_HEARTBEAT_MS".into(),
