@@ -1,6 +1,7 @@
 //! The JS agent that every worker preloads: embedded in the binary at build
 //! time and written to this runtime's private directory at start, because
-//! `node --require` takes a file path.
+//! `node --require` takes a file path. The directory also holds the admin
+//! socket.
 
 use std::fs;
 use std::io::Write;
@@ -23,11 +24,7 @@ impl RuntimeDir {
     /// Creates `<base>/<pid>/` under `$XDG_RUNTIME_DIR/ampere` or
     /// `$TMPDIR/ampere-<uid>` and writes the agent into it.
     pub fn create() -> Result<RuntimeDir> {
-        let base = match std::env::var_os("XDG_RUNTIME_DIR") {
-            Some(d) if !d.is_empty() => PathBuf::from(d).join("ampere"),
-            _ => std::env::temp_dir().join(format!("ampere-{}", nix::unistd::geteuid())),
-        };
-        let dir = base.join(std::process::id().to_string());
+        let dir = base_dir().join(std::process::id().to_string());
         let context = |e| Error::io(format!("creating runtime directory {}", dir.display()), e);
         fs::DirBuilder::new()
             .recursive(true)
@@ -42,6 +39,19 @@ impl RuntimeDir {
 
     pub fn agent(&self) -> &Path {
         &self.agent
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+}
+
+/// Where this user's runtimes keep their directories, one per pid:
+/// `$XDG_RUNTIME_DIR/ampere`, else `$TMPDIR/ampere-<uid>`.
+pub fn base_dir() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join("ampere"),
+        _ => std::env::temp_dir().join(format!("ampere-{}", nix::unistd::geteuid())),
     }
 }
 

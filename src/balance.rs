@@ -139,6 +139,19 @@ impl Balancer {
         }
     }
 
+    /// New settings from a config reload (the overflow listener stays as
+    /// it was: it is opened at start).
+    pub fn set_config(&mut self, cfg: BalanceConfig) {
+        self.overflow = self.overflow && cfg.overflow;
+        self.cfg = cfg;
+    }
+
+    /// The service has `slots` slots now.
+    pub fn resize(&mut self, slots: usize) {
+        self.slots.resize(slots, SlotLoad::default());
+        self.attached = None;
+    }
+
     /// A new process serves the slot: what the old one measured is void.
     pub fn reset(&mut self, slot: usize) {
         if let Some(s) = self.slots.get_mut(slot) {

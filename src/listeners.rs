@@ -24,10 +24,19 @@ pub struct Listeners {
     addr: SocketAddr,
     mode: ListenerMode,
     sockets: Vec<Socket>,
-    /// The supervisor's own member of the reuseport group, last in it; it
-    /// gets connections only when the steering program picks it.
+    /// The supervisor's own member of the reuseport group; it gets
+    /// connections only when the steering program picks it.
     overflow: Option<Socket>,
+    /// Who joined the reuseport group at each index, in order: the kernel
+    /// numbers the members that way, and the steering program picks by it.
+    order: Vec<Member>,
     backlog: i32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Member {
+    Slot(usize),
+    Overflow,
 }
 
 impl Listeners {
@@ -63,10 +72,29 @@ impl Listeners {
         Ok(Listeners {
             addr,
             mode,
+            order: (0..sockets.len()).map(Member::Slot).collect(),
             sockets,
             overflow: None,
             backlog,
         })
+    }
+
+    /// Makes sure slot `slot` has a socket: in reuseport mode, binds the
+    /// sockets of new slots (they join the group after every existing
+    /// member); in shared mode every slot uses the one socket.
+    pub fn ensure_slot(&mut self, slot: usize) -> io::Result<()> {
+        if self.mode == ListenerMode::Shared {
+            return Ok(());
+        }
+        while self.sockets.len() <= slot {
+            let socket = new_socket(self.addr)?;
+            socket.set_reuse_port(true)?;
+            socket.bind(&self.addr.into())?;
+            socket.listen(self.backlog)?;
+            self.order.push(Member::Slot(self.sockets.len()));
+            self.sockets.push(socket);
+        }
+        Ok(())
     }
 
     /// Adds the overflow listener to the reuseport group and returns it for
@@ -90,6 +118,7 @@ impl Listeners {
         socket.set_nonblocking(true)?;
         let listener = socket.try_clone()?;
         self.overflow = Some(socket);
+        self.order.push(Member::Overflow);
         Ok(listener.into())
     }
 
@@ -149,13 +178,22 @@ impl Listeners {
         if !self.can_steer() {
             return Ok(());
         }
-        let mut all: Vec<u32> = weights.slots.clone();
-        all.resize(self.sockets.len(), 0);
-        if self.overflow.is_some() {
-            all.push(weights.overflow);
-        }
+        let mut all: Vec<u32> = self
+            .order
+            .iter()
+            .map(|m| match m {
+                Member::Slot(i) => weights.slots.get(*i).copied().unwrap_or(0),
+                Member::Overflow => weights.overflow,
+            })
+            .collect();
         if all.iter().all(|w| *w == 0) {
-            all.iter_mut().take(self.sockets.len()).for_each(|w| *w = 1);
+            for (w, m) in all.iter_mut().zip(&self.order) {
+                if let Member::Slot(i) = m
+                    && weights.slots.len() > *i
+                {
+                    *w = 1;
+                }
+            }
         }
         let program = steering_program(&all);
         let fprog = libc::sock_fprog {
@@ -181,9 +219,8 @@ const LOAD_RANDOM: u32 = (-0x1000i32) as u32 + 56;
 
 /// The reuseport program for [`Listeners::steer`]: `A = random % total`, then
 /// a chain of `if A < cumulative[i] return i`. Socket indices are the order
-/// in which the sockets joined the group: slot order, then the overflow
-/// listener. They stay stable because no socket of the group is ever closed
-/// before the end.
+/// in which the sockets joined the group (`Listeners::order`). They stay
+/// stable because no socket of the group is ever closed before the end.
 fn steering_program(weights: &[u32]) -> Vec<libc::sock_filter> {
     let total: u64 = weights.iter().map(|w| u64::from(*w)).sum();
     let raw = |code: u32, jt: u8, jf: u8, k: u32| libc::sock_filter {
@@ -382,6 +419,17 @@ mod tests {
         listeners.steer(&weights(&[0, 0], 0)).unwrap();
         let _last: Vec<_> = (0..10).map(|_| TcpStream::connect(addr).unwrap()).collect();
         assert_eq!(overflow_queue(&overflow), 0);
+    }
+
+    #[test]
+    fn slots_added_after_the_overflow_listener_are_steered_to_by_slot() {
+        let addr = loopback();
+        let mut listeners = Listeners::bind(addr, 2, ListenerMode::Reuseport, 64).unwrap();
+        let _overflow = listeners.open_overflow().unwrap();
+        listeners.ensure_slot(2).unwrap();
+        listeners.steer(&weights(&[0, 0, 1], 0)).unwrap();
+        let _conns: Vec<_> = (0..10).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        assert_eq!(listeners.queued(2).unwrap(), 10);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! into every worker makes the app's own `listen()` adopt it. See README.md
 //! for the architecture.
 
+mod admin;
 mod agent;
 mod balance;
 mod cli;

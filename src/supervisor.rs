@@ -19,8 +19,10 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
+use crate::admin::Command as AdminCommand;
 use crate::balance::{Availability, Balancer, Beat};
 use crate::config::Settings;
+use crate::error::Error;
 use crate::health::{Tracker, Verdict};
 use crate::listeners::Listeners;
 use crate::telemetry::logs::Logs;
@@ -69,9 +71,38 @@ struct Slot {
     overloaded: bool,
     /// Keep-alive connections closed in this slot to rebalance.
     rebalanced: u64,
+    /// Restarts and replacements in this slot.
+    restarts: u64,
+    /// The current worker's request counter at its last heartbeat, and its
+    /// requests per second since the one before.
+    rate: Option<u64>,
+    rps: Option<f64>,
+    /// Part of the service's worker count. A slot scaled away by a reload
+    /// keeps its socket (closing it would reset its queue and renumber the
+    /// reuseport group) but gets no connections and no process.
+    active: bool,
 }
 
 impl Slot {
+    fn new(index: usize) -> Slot {
+        Slot {
+            index,
+            worker: None,
+            retiring: Vec::new(),
+            failures: 0,
+            restart_at: None,
+            kill_reason: None,
+            http: BTreeMap::new(),
+            rejected: Rejected::default(),
+            overloaded: false,
+            rebalanced: 0,
+            restarts: 0,
+            rate: None,
+            rps: None,
+            active: true,
+        }
+    }
+
     /// A process in this slot accepts connections: the current one is ready,
     /// or a healthy old one still serves while its replacement starts.
     fn accepting(&self) -> bool {
@@ -91,6 +122,9 @@ impl Slot {
     }
 
     fn availability(&self) -> Availability {
+        if !self.active {
+            return Availability::Unavailable;
+        }
         match (self.accepting(), self.overloaded) {
             (false, _) => Availability::Unavailable,
             (true, true) => Availability::Overloaded,
@@ -125,7 +159,14 @@ pub struct Supervisor {
     balancer: Balancer,
     /// Where span batches go, when tracing is on.
     traces: Option<Traces>,
+    /// Commands from the admin API.
+    admin: Option<mpsc::UnboundedReceiver<AdminCommand>>,
+    /// Reads the config again, for a reload.
+    reloader: Option<Reloader>,
 }
+
+/// Resolves the settings again from the same files and flags.
+pub type Reloader = Box<dyn Fn() -> Result<Settings, Error>>;
 
 /// How the run ended.
 pub enum Outcome {
@@ -153,20 +194,7 @@ impl Supervisor {
         metrics: Arc<Metrics>,
     ) -> Self {
         let (events_tx, events) = mpsc::unbounded_channel();
-        let slots = (0..settings.workers)
-            .map(|index| Slot {
-                index,
-                worker: None,
-                retiring: Vec::new(),
-                failures: 0,
-                restart_at: None,
-                kill_reason: None,
-                http: BTreeMap::new(),
-                rejected: Rejected::default(),
-                overloaded: false,
-                rebalanced: 0,
-            })
-            .collect();
+        let slots = (0..settings.workers).map(Slot::new).collect();
         Supervisor {
             service: settings.service.as_str().into(),
             balancer: Balancer::new(
@@ -190,7 +218,19 @@ impl Supervisor {
             shutting_down: false,
             rolling: None,
             traces: None,
+            admin: None,
+            reloader: None,
         }
+    }
+
+    /// Takes commands from the admin API; `reloader` reads the config again.
+    pub fn set_admin(
+        &mut self,
+        commands: mpsc::UnboundedReceiver<AdminCommand>,
+        reloader: Reloader,
+    ) {
+        self.admin = Some(commands);
+        self.reloader = Some(reloader);
     }
 
     /// Exports the agents' spans through `traces`.
@@ -224,6 +264,11 @@ impl Supervisor {
                 _ = term.recv() => break Signal::SIGTERM,
                 _ = int.recv() => break Signal::SIGINT,
                 _ = hup.recv() => self.start_rolling_restart("SIGHUP"),
+                Some(cmd) = next_command(&mut self.admin) => {
+                    if let Some(stop) = self.on_admin(cmd) {
+                        break stop;
+                    }
+                }
                 _ = sleep_until(wake) => self.on_timer(),
                 _ = tick.tick() => self.probes.tick(),
             }
@@ -258,6 +303,7 @@ impl Supervisor {
             }
             Err(e) => {
                 *self.restarts.entry("spawn_error").or_default() += 1;
+                slot.restarts += 1;
                 slot.failures += 1;
                 let delay = backoff(&self.settings, slot.failures);
                 error!(
@@ -322,6 +368,8 @@ impl Supervisor {
                     w.tracker = Tracker::new(now);
                     if retiring.is_none() {
                         self.balancer.reset(index);
+                        slot.rate = None;
+                        slot.rps = None;
                     }
                     info!(
                         service = &*self.service,
@@ -352,6 +400,13 @@ impl Supervisor {
                 rejected = Some((hb.rejected, hb.inflight, hb.delay_p99_ms));
                 slot.rebalanced += hb.shed;
                 if retiring.is_none() {
+                    if let Some(before) = slot.rate
+                        && hb.interval_ms > 0.0
+                    {
+                        let done = hb.requests.saturating_sub(before) as f64;
+                        slot.rps = Some(done * 1e3 / hb.interval_ms);
+                    }
+                    slot.rate = Some(hb.requests);
                     let beat = Beat {
                         elu: hb.elu,
                         interval: (hb.interval_ms > 0.0)
@@ -441,7 +496,7 @@ impl Supervisor {
     fn on_exit(&mut self, index: usize, w: Worker, status: std::process::ExitStatus) {
         let how = worker::describe_exit(&status);
         let slot = &mut self.slots[index];
-        if self.shutting_down || w.state == State::Draining {
+        if self.shutting_down || w.state == State::Draining || !slot.active {
             info!(service = &*self.service, worker = index, worker_pid = w.pid, status = %how, "worker stopped");
             return;
         }
@@ -459,6 +514,7 @@ impl Supervisor {
             (None, None) => "start_failure",
         };
         *self.restarts.entry(kind).or_default() += 1;
+        slot.restarts += 1;
         let reason = slot.kill_reason.take().unwrap_or_else(|| {
             if w.ready_at.is_some() {
                 format!("crashed ({how})")
@@ -497,6 +553,7 @@ impl Supervisor {
             return;
         };
         *self.restarts.entry(verdict.kind()).or_default() += 1;
+        slot.restarts += 1;
         let reason = verdict.reason();
         let hb = old.tracker.last.clone().unwrap_or_default();
         warn!(
@@ -648,6 +705,7 @@ impl Supervisor {
             }
             let slot = &mut self.slots[index];
             if !self.shutting_down
+                && slot.active
                 && slot.worker.is_none()
                 && slot.restart_at.is_some_and(|t| now >= t)
             {
@@ -730,8 +788,14 @@ impl Supervisor {
                 w.send(SupervisorMessage::Shed { connections });
             }
         }
-        let ready = self.slots.iter().filter(|s| s.accepting()).count();
-        self.probes.set_workers(ready, self.slots.len());
+        self.drain_scaled_away();
+        let ready = self
+            .slots
+            .iter()
+            .filter(|s| s.active && s.accepting())
+            .count();
+        let active = self.slots.iter().filter(|s| s.active).count();
+        self.probes.set_workers(ready, active);
         self.publish_metrics();
         self.advance_rolling();
     }
@@ -790,6 +854,211 @@ impl Supervisor {
         }
     }
 
+    /// Workers of slots that a reload scaled away drain once no connection
+    /// waits in their slot's queue any more (steering sends none there).
+    fn drain_scaled_away(&mut self) {
+        let deadline = Instant::now() + self.settings.config.shutdown.timeout.get();
+        for slot in self.slots.iter_mut().filter(|s| !s.active) {
+            slot.restart_at = None;
+            let Some(w) = &slot.worker else { continue };
+            let queued = if w.state == State::Ready {
+                self.listeners.queued(slot.index).unwrap_or(0)
+            } else {
+                0
+            };
+            if queued > 0 {
+                continue;
+            }
+            let mut w = slot.worker.take().expect("checked above");
+            info!(
+                service = &*self.service,
+                worker = slot.index,
+                worker_pid = w.pid,
+                "worker count lowered: draining this worker"
+            );
+            if w.state == State::Ready {
+                w.send(SupervisorMessage::Drain { urgent: false });
+            } else {
+                w.signal(Signal::SIGTERM);
+            }
+            w.state = State::Draining;
+            slot.retiring.push(Retiring {
+                worker: w,
+                reason: "worker count lowered".into(),
+                phase: Phase::Draining { deadline },
+            });
+        }
+    }
+
+    /// A command from the admin API; `Some` to stop the runtime.
+    fn on_admin(&mut self, cmd: AdminCommand) -> Option<Signal> {
+        match cmd {
+            AdminCommand::Restart { service, reply } => {
+                let result = match service {
+                    Some(s) if s != *self.service => Err(format!(
+                        "no service {s:?} here; this runtime runs {:?}",
+                        &*self.service
+                    )),
+                    _ => {
+                        self.start_rolling_restart("admin API");
+                        Ok(())
+                    }
+                };
+                let _ = reply.send(result);
+                None
+            }
+            AdminCommand::Reload { reply } => {
+                let result = self.reload();
+                if let Err(e) = &result {
+                    warn!(error = %e, "config reload refused; the runtime keeps its settings");
+                }
+                let _ = reply.send(result);
+                None
+            }
+            AdminCommand::Stop => {
+                info!("stop requested through the admin API");
+                Some(Signal::SIGTERM)
+            }
+        }
+    }
+
+    /// Reads the config again and applies what changed: the worker count
+    /// (slots start or drain; the others are left alone), the workers'
+    /// command and environment (a rolling restart), and the supervisor's
+    /// own settings (health, restart, shutdown, balancing). Changes that
+    /// need a new process (address, probe server, log format, tracing) are
+    /// refused, and so is a config with errors: either way nothing changes.
+    fn reload(&mut self) -> Result<Vec<String>, String> {
+        if self.shutting_down {
+            return Err("the runtime is shutting down".into());
+        }
+        let Some(reloader) = &self.reloader else {
+            return Err("this runtime cannot reload".into());
+        };
+        let new = reloader().map_err(|e| match e.hint() {
+            Some(hint) => format!("{e} (hint: {hint})"),
+            None => e.to_string(),
+        })?;
+        let old = &self.settings;
+        let mut fixed = Vec::new();
+        if new.addr != old.addr {
+            fixed.push(format!("address {} -> {}", old.addr, new.addr));
+        }
+        if new.service != old.service {
+            fixed.push(format!(
+                "service name {:?} -> {:?}",
+                old.service, new.service
+            ));
+        }
+        for (name, a, b) in [
+            (
+                "[server] listener/backlog",
+                json(&(old.config.server.listener, old.config.server.backlog)),
+                json(&(new.config.server.listener, new.config.server.backlog)),
+            ),
+            (
+                "[metrics]",
+                json(&old.config.metrics),
+                json(&new.config.metrics),
+            ),
+            (
+                "[logger]",
+                json(&old.config.logger),
+                json(&new.config.logger),
+            ),
+            (
+                "[telemetry]",
+                json(&old.config.telemetry),
+                json(&new.config.telemetry),
+            ),
+            (
+                "[balance] overflow",
+                json(&old.config.balance.overflow),
+                json(&new.config.balance.overflow),
+            ),
+        ] {
+            if a != b {
+                fixed.push(format!("{name} changed"));
+            }
+        }
+        if new.metrics_addr != old.metrics_addr && !fixed.iter().any(|f| f.starts_with("[metrics]"))
+        {
+            fixed.push("probe server address changed".into());
+        }
+        if !fixed.is_empty() {
+            return Err(format!(
+                "these changes need a restart of ampere; nothing was applied: {}",
+                fixed.join("; ")
+            ));
+        }
+        let mut changes = Vec::new();
+        for (name, a, b) in [
+            (
+                "[health]",
+                json(&old.config.health),
+                json(&new.config.health),
+            ),
+            (
+                "[restart]",
+                json(&old.config.restart),
+                json(&new.config.restart),
+            ),
+            (
+                "[shutdown]",
+                json(&old.config.shutdown),
+                json(&new.config.shutdown),
+            ),
+            (
+                "[balance]",
+                json(&old.config.balance),
+                json(&new.config.balance),
+            ),
+        ] {
+            if a != b {
+                changes.push(format!("{name} applied"));
+            }
+        }
+        let command = Command::new(&new, self.command.agent());
+        let restart_workers = command != self.command;
+        let from = self.slots.iter().filter(|s| s.active).count();
+        let to = new.workers;
+        self.balancer.set_config(new.config.balance.clone());
+        self.settings = new;
+        self.command = command;
+        if to > from {
+            for index in 0..to {
+                if index >= self.slots.len() {
+                    if let Err(e) = self.listeners.ensure_slot(index) {
+                        return Err(format!("cannot open the socket of worker {index}: {e}"));
+                    }
+                    self.slots.push(Slot::new(index));
+                    self.balancer.resize(self.slots.len());
+                }
+                let slot = &mut self.slots[index];
+                slot.active = true;
+                if slot.worker.is_none() && slot.restart_at.is_none() {
+                    self.spawn(index);
+                }
+            }
+            changes.push(format!("workers {from} -> {to}"));
+        } else if to < from {
+            for slot in self.slots.iter_mut().skip(to) {
+                slot.active = false;
+            }
+            changes.push(format!("workers {from} -> {to}"));
+        }
+        if restart_workers {
+            self.rolling = None;
+            self.start_rolling_restart("config reload");
+            changes.push("worker command or environment changed: rolling restart".into());
+        }
+        if changes.is_empty() {
+            changes.push("nothing changed".into());
+        }
+        info!(changes = ?changes, "config reloaded");
+        Ok(changes)
+    }
+
     fn publish_metrics(&self) {
         let (shares, overflow_share) = self
             .balancer
@@ -808,6 +1077,7 @@ impl Supervisor {
         let workers = self
             .slots
             .iter()
+            .filter(|s| s.active || s.worker.is_some() || !s.retiring.is_empty())
             .map(|s| WorkerSample {
                 slot: s.index,
                 heartbeat: s.worker.as_ref().and_then(|w| w.tracker.last.clone()),
@@ -815,6 +1085,15 @@ impl Supervisor {
                 rejected: s.rejected,
                 rebalanced: s.rebalanced,
                 share: shares.get(s.index).copied().unwrap_or(0.0),
+                pid: s.worker.as_ref().map(|w| w.pid),
+                state: match &s.worker {
+                    Some(w) if w.suspect => "suspect",
+                    Some(w) => w.state.as_str(),
+                    None => "down",
+                },
+                since: s.worker.as_ref().map(|w| w.started),
+                restarts: s.restarts,
+                rps: s.rps,
             })
             .collect();
         self.metrics.publish(Snapshot {
@@ -841,7 +1120,12 @@ impl Supervisor {
             "rolling restart: replacing workers one slot at a time"
         );
         self.rolling = Some(Rolling {
-            pending: (0..self.slots.len()).collect(),
+            pending: self
+                .slots
+                .iter()
+                .filter(|s| s.active)
+                .map(|s| s.index)
+                .collect(),
             current: None,
         });
     }
@@ -1021,6 +1305,21 @@ fn last_error_line(tail: &[String]) -> Option<&str> {
             && !l.starts_with("Node.js v")
             && l.trim() != "^"
     })
+}
+
+/// The next admin command; never, without an admin API.
+async fn next_command(
+    rx: &mut Option<mpsc::UnboundedReceiver<AdminCommand>>,
+) -> Option<AdminCommand> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A settings section as JSON, to compare old and new.
+fn json<T: serde::Serialize>(v: &T) -> serde_json::Value {
+    serde_json::to_value(v).unwrap_or_default()
 }
 
 async fn sleep_until(t: Option<Instant>) {

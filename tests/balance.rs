@@ -4,10 +4,8 @@
 
 mod common;
 
-use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use common::*;
@@ -24,86 +22,6 @@ fn pid_of_slot(ampere: &Ampere, slot: u64) -> u32 {
         .find(|l| msg_is(l, "worker ready") && l["worker"].as_u64() == Some(slot))
         .and_then(|l| l["worker_pid"].as_u64())
         .expect("a ready line for the slot") as u32
-}
-
-/// Clients sending requests in a loop until stopped.
-struct Load {
-    stop: Arc<AtomicBool>,
-    failures: Arc<Mutex<Vec<String>>>,
-    threads: Vec<JoinHandle<()>>,
-}
-
-impl Load {
-    /// `clients` threads, each sending GET `path`, on a new connection per
-    /// request, or on keep-alive connections (reconnecting when a response
-    /// says `Connection: close`). `on_response` sees every response.
-    fn start(
-        addr: SocketAddr,
-        clients: usize,
-        path: &'static str,
-        keep_alive: bool,
-        on_response: Arc<dyn Fn(&Response) + Send + Sync>,
-    ) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let failures = Arc::new(Mutex::new(Vec::new()));
-        let threads = (0..clients)
-            .map(|_| {
-                let (stop, failures, on_response) =
-                    (stop.clone(), failures.clone(), on_response.clone());
-                std::thread::spawn(move || {
-                    let mut conn: Option<TcpStream> = None;
-                    while !stop.load(Ordering::Relaxed) {
-                        let result = if keep_alive {
-                            let stream = match &mut conn {
-                                Some(s) => s,
-                                None => match TcpStream::connect(addr) {
-                                    Ok(s) => conn.insert(s),
-                                    Err(e) => {
-                                        failures.lock().unwrap().push(e.to_string());
-                                        continue;
-                                    }
-                                },
-                            };
-                            let r = request(stream, path, true, TIMEOUT);
-                            if r.as_ref()
-                                .is_ok_and(|r| r.header("connection") == Some("close"))
-                            {
-                                conn = None;
-                            }
-                            r
-                        } else {
-                            get(addr, path, TIMEOUT)
-                        };
-                        match result {
-                            Ok(r) if r.status == 200 => on_response(&r),
-                            Ok(r) => failures
-                                .lock()
-                                .unwrap()
-                                .push(format!("status {}", r.status)),
-                            Err(e) => {
-                                conn = None;
-                                failures.lock().unwrap().push(format!("{e:?}"));
-                            }
-                        }
-                    }
-                })
-            })
-            .collect();
-        Load {
-            stop,
-            failures,
-            threads,
-        }
-    }
-
-    /// Stops the clients; returns the failed requests.
-    fn finish(self) -> Vec<String> {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads {
-            t.join().unwrap();
-        }
-        self.failures.lock().unwrap().clone()
-    }
 }
 
 #[test]

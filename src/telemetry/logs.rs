@@ -16,6 +16,9 @@
 //! output is slowed down to what stdout takes instead of piling up here.
 //! Supervisor events never wait: one that finds the queue full is dropped,
 //! counted, and reported once there is room.
+//!
+//! The writer also keeps the last [`RECENT`] records and feeds live
+//! subscribers ([`Tap`]), for `ampere logs` through the admin API.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
@@ -38,6 +41,48 @@ use crate::config::{LogFormat, LogLevel, LoggerConfig};
 pub const MAX_CHUNK: usize = 64 * 1024;
 /// Records waiting for stdout before producers wait.
 const QUEUE: usize = 4096;
+/// Records kept for `ampere logs`.
+pub const RECENT: usize = 1000;
+
+/// The recent records of the stream and a live feed of it. A subscriber
+/// that falls behind by more than the feed's capacity loses records (and is
+/// told how many), never the stream itself.
+pub struct Tap {
+    recent: Mutex<VecDeque<Arc<str>>>,
+    live: tokio::sync::broadcast::Sender<Arc<str>>,
+}
+
+impl Tap {
+    fn new() -> Tap {
+        Tap {
+            recent: Mutex::new(VecDeque::with_capacity(RECENT)),
+            live: tokio::sync::broadcast::channel(4096).0,
+        }
+    }
+
+    fn push(&self, bytes: &[u8]) {
+        let line: Arc<str> = String::from_utf8_lossy(bytes).into();
+        if let Ok(mut recent) = self.recent.lock() {
+            if recent.len() == RECENT {
+                recent.pop_front();
+            }
+            recent.push_back(line.clone());
+        }
+        let _ = self.live.send(line);
+    }
+
+    /// The last `n` records (each ends with a newline).
+    pub fn recent(&self, n: usize) -> Vec<Arc<str>> {
+        let recent = self.recent.lock().map(|r| r.clone()).unwrap_or_default();
+        let skip = recent.len().saturating_sub(n);
+        recent.into_iter().skip(skip).collect()
+    }
+
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Arc<str>> {
+        self.live.subscribe()
+    }
+}
+
 /// Lines of a worker's stderr kept to explain why it died.
 pub const STDERR_TAIL: usize = 20;
 
@@ -56,6 +101,7 @@ pub struct Logs {
     /// Supervisor events dropped because the queue was full: (in all, not
     /// yet reported in the stream).
     dropped: Arc<(AtomicU64, AtomicU64)>,
+    tap: Arc<Tap>,
 }
 
 /// Which worker stream a line came from.
@@ -71,6 +117,8 @@ impl Logs {
     /// Starts the writer thread.
     pub fn start(config: &LoggerConfig) -> Logs {
         let (tx, mut rx) = mpsc::channel::<Item>(QUEUE);
+        let tap = Arc::new(Tap::new());
+        let writer_tap = tap.clone();
         std::thread::Builder::new()
             .name("ampere-log".into())
             .spawn(move || {
@@ -85,6 +133,7 @@ impl Logs {
                             if !broken && out.write_all(&bytes).is_err() {
                                 broken = true;
                             }
+                            writer_tap.push(&bytes);
                         }
                         Item::Close(done) => {
                             let _ = out.flush();
@@ -111,7 +160,13 @@ impl Logs {
             color: pretty && terminal && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
             min_level: config.level.number(),
             dropped: Arc::default(),
+            tap,
         }
+    }
+
+    /// The recent records and the live feed.
+    pub fn tap(&self) -> Arc<Tap> {
+        self.tap.clone()
     }
 
     /// Supervisor events dropped so far because stdout could not keep up.

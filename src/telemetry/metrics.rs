@@ -33,6 +33,16 @@ pub struct WorkerSample {
     pub rebalanced: u64,
     /// The slot's share (0..1) of new connections in the steering program.
     pub share: f64,
+    /// The current process, and its state: starting, ready, draining,
+    /// suspect, or down.
+    pub pid: Option<u32>,
+    pub state: &'static str,
+    /// Since when the current process runs.
+    pub since: Option<Instant>,
+    /// Restarts and replacements in this slot.
+    pub restarts: u64,
+    /// Requests per second over the last heartbeat interval.
+    pub rps: Option<f64>,
 }
 
 /// What the supervisor publishes for the metrics endpoint.
@@ -81,6 +91,11 @@ impl Metrics {
     /// Spans lost: the export queue was full or the collector failed.
     pub fn count_spans_dropped(&self, n: u64) {
         self.spans_dropped.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// What the supervisor published last.
+    pub fn snapshot(&self) -> Snapshot {
+        self.snapshot.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
     /// One request answered 503 by the overflow listener.

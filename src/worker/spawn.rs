@@ -14,12 +14,14 @@ use nix::unistd::Pid;
 use crate::config::{Launch, Settings};
 
 /// How to start a worker of one service: the same for every slot.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Command {
     program: PathBuf,
     args: Vec<OsString>,
     env: Vec<(OsString, OsString)>,
     cwd: PathBuf,
+    /// The agent file every worker preloads.
+    agent: PathBuf,
 }
 
 pub struct Spawned {
@@ -143,6 +145,7 @@ impl Command {
             args,
             env,
             cwd: settings.app_dir.clone(),
+            agent: agent.to_owned(),
         }
     }
 
@@ -208,6 +211,10 @@ impl Command {
 
     pub fn program(&self) -> &Path {
         &self.program
+    }
+
+    pub fn agent(&self) -> &Path {
+        &self.agent
     }
 }
 

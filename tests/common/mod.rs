@@ -12,7 +12,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -485,4 +485,84 @@ pub fn pids_of_requests(addr: SocketAddr, path: &str, n: usize) -> Vec<u32> {
             r.pid()
         })
         .collect()
+}
+
+/// Clients sending requests in a loop until stopped.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    failures: Arc<Mutex<Vec<String>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    /// `clients` threads, each sending GET `path`, on a new connection per
+    /// request, or on keep-alive connections (reconnecting when a response
+    /// says `Connection: close`). `on_response` sees every response.
+    pub fn start(
+        addr: SocketAddr,
+        clients: usize,
+        path: &'static str,
+        keep_alive: bool,
+        on_response: Arc<dyn Fn(&Response) + Send + Sync>,
+    ) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let threads = (0..clients)
+            .map(|_| {
+                let (stop, failures, on_response) =
+                    (stop.clone(), failures.clone(), on_response.clone());
+                std::thread::spawn(move || {
+                    let mut conn: Option<TcpStream> = None;
+                    while !stop.load(Ordering::Relaxed) {
+                        let result = if keep_alive {
+                            let stream = match &mut conn {
+                                Some(s) => s,
+                                None => match TcpStream::connect(addr) {
+                                    Ok(s) => conn.insert(s),
+                                    Err(e) => {
+                                        failures.lock().unwrap().push(e.to_string());
+                                        continue;
+                                    }
+                                },
+                            };
+                            let r = request(stream, path, true, Duration::from_secs(10));
+                            if r.as_ref()
+                                .is_ok_and(|r| r.header("connection") == Some("close"))
+                            {
+                                conn = None;
+                            }
+                            r
+                        } else {
+                            get(addr, path, Duration::from_secs(10))
+                        };
+                        match result {
+                            Ok(r) if r.status == 200 => on_response(&r),
+                            Ok(r) => failures
+                                .lock()
+                                .unwrap()
+                                .push(format!("status {}", r.status)),
+                            Err(e) => {
+                                conn = None;
+                                failures.lock().unwrap().push(format!("{e:?}"));
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            failures,
+            threads,
+        }
+    }
+
+    /// Stops the clients; returns the failed requests.
+    pub fn finish(self) -> Vec<String> {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        self.failures.lock().unwrap().clone()
+    }
 }

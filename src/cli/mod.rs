@@ -1,4 +1,8 @@
-//! The command line: `ampere start`, `ampere config check`, `ampere schema`.
+//! The command line: `ampere start`, `ampere config check`, `ampere schema`,
+//! shell completions, and the management commands (in [`manage`]) that talk
+//! to running runtimes.
+
+mod manage;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,6 +11,7 @@ use std::sync::Arc;
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::layer::SubscriberExt;
 
+use crate::admin;
 use crate::agent::RuntimeDir;
 use crate::config::{self, Overrides, Workers};
 use crate::error::{Error, Result};
@@ -35,6 +40,27 @@ enum Commands {
     Config(ConfigCommand),
     /// Print the JSON Schema of ampere.toml / ampere.json.
     Schema,
+    /// List the ampere runtimes running as this user.
+    Ps(manage::PsArgs),
+    /// Show each worker of a runtime: state, uptime, restarts, load, memory.
+    Status(manage::StatusArgs),
+    /// Print a runtime's recent log records; -f to follow.
+    Logs(manage::LogsArgs),
+    /// Print a runtime's Prometheus metrics.
+    Metrics(manage::MetricsArgs),
+    /// Replace every worker of a service (or of all), one at a time.
+    Restart(manage::RestartArgs),
+    /// Re-read the config and apply what changed (worker count, env, ...).
+    Reload(manage::TargetArgs),
+    /// Stop a runtime gracefully.
+    Stop(manage::TargetArgs),
+    /// Send an HTTP request to a service through one of its workers.
+    Inject(manage::InjectArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -100,6 +126,19 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             println!("{}", config::schema());
             Ok(ExitCode::SUCCESS)
         }
+        Commands::Ps(args) => manage::ps(&args),
+        Commands::Status(args) => manage::status(&args),
+        Commands::Logs(args) => manage::logs(&args),
+        Commands::Metrics(args) => manage::metrics(&args),
+        Commands::Restart(args) => manage::restart(&args),
+        Commands::Reload(args) => manage::reload(&args),
+        Commands::Stop(args) => manage::stop(&args),
+        Commands::Inject(args) => manage::inject(&args),
+        Commands::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "ampere", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -124,6 +163,7 @@ fn start(args: &StartArgs) -> Result<ExitCode> {
         .transpose()?;
     let runtime_dir = RuntimeDir::create()?;
     let command = Command::new(&settings, runtime_dir.agent());
+    let (admin_listener, _) = admin::server::bind(runtime_dir.path())?;
 
     let logs = Logs::start(&config.logger);
     let subscriber = tracing_subscriber::registry()
@@ -152,6 +192,18 @@ fn start(args: &StartArgs) -> Result<ExitCode> {
     let metrics = Arc::new(Metrics::new());
     let metrics_for_overflow = metrics.clone();
     let traces = traces::start(&config.telemetry, &settings.service, metrics.clone())?;
+    let (admin_tx, admin_rx) = tokio::sync::mpsc::unbounded_channel();
+    let admin_state = Arc::new(admin::server::Admin {
+        info: runtime_info(&settings),
+        started: std::time::Instant::now(),
+        metrics: metrics.clone(),
+        tap: logs.tap(),
+        config: redacted(&settings.config),
+        commands: admin_tx,
+        service_addr: settings.addr,
+    });
+    let overrides = args.overrides();
+    let reloader = Box::new(move || config::resolve(&overrides));
     let mut supervisor = Supervisor::new(
         settings,
         command,
@@ -168,6 +220,12 @@ fn start(args: &StartArgs) -> Result<ExitCode> {
                 }
             });
         }
+        supervisor.set_admin(admin_rx, reloader);
+        tokio::spawn(async move {
+            if let Err(e) = admin::server::serve(admin_listener, admin_state).await {
+                tracing::error!(error = %e, "the admin API stopped");
+            }
+        });
         if let Some((traces, task)) = traces {
             supervisor.set_traces(traces);
             tokio::spawn(task.run());
@@ -189,6 +247,44 @@ fn start(args: &StartArgs) -> Result<ExitCode> {
         Ok(Outcome::Interrupted(sig)) => Ok(ExitCode::from(128 + sig as u8)),
         Err(e) => Err(Error::io("installing signal handlers", e)),
     }
+}
+
+/// What `GET /v1/runtime` says about this runtime (uptime is filled in per
+/// request).
+fn runtime_info(settings: &config::Settings) -> admin::RuntimeInfo {
+    let started_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    admin::RuntimeInfo {
+        pid: std::process::id(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        cwd: std::env::current_dir()
+            .map(|d| d.display().to_string())
+            .unwrap_or_default(),
+        started_ms,
+        uptime_s: 0.0,
+        services: vec![admin::ServiceInfo {
+            name: settings.service.clone(),
+            address: settings.addr.to_string(),
+            workers: settings.workers,
+            app: settings.launch.describe(),
+            dir: settings.app_dir.display().to_string(),
+            config: settings.source.as_ref().map(|p| p.display().to_string()),
+            metrics: settings.metrics_addr.map(|a| a.to_string()),
+        }],
+    }
+}
+
+/// The effective config for the admin API, without the values of `[env]`
+/// (where secrets live).
+fn redacted(config: &config::Config) -> serde_json::Value {
+    let mut value = serde_json::to_value(config).unwrap_or_default();
+    if let Some(env) = value.get_mut("env").and_then(|e| e.as_object_mut()) {
+        for v in env.values_mut() {
+            *v = serde_json::Value::String("[redacted]".into());
+        }
+    }
+    value
 }
 
 fn check(args: &StartArgs) -> Result<ExitCode> {

@@ -1,0 +1,380 @@
+//! Management: the CLI against a real running runtime through its admin
+//! socket (every command, `--json` parsed back), restarts under load,
+//! reloads, and the socket's refusal of other users.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+
+const READY: Duration = Duration::from_secs(30);
+
+/// A runtime started with its own runtime directory (XDG_RUNTIME_DIR), so
+/// that tests running side by side each see only their own.
+struct Runtime {
+    ampere: Ampere,
+    xdg: tempfile::TempDir,
+    config: HelloConfig,
+}
+
+impl Runtime {
+    fn start(body: &str) -> Runtime {
+        let xdg = tempfile::tempdir().unwrap();
+        let config = hello_config(body);
+        let (port, metrics_port) = (free_port(), free_port());
+        let mut cmd = Command::new(AMPERE);
+        cmd.args(["start", "--config", &config.path, "--host", "127.0.0.1"])
+            .args(["--port", &port.to_string()])
+            .args(["--metrics-port", &metrics_port.to_string()])
+            .env("XDG_RUNTIME_DIR", xdg.path());
+        Runtime {
+            ampere: Ampere::spawn(cmd, port, metrics_port),
+            xdg,
+            config,
+        }
+    }
+
+    /// `ampere ARGS...` as a CLI user of this runtime.
+    fn cli(&self, args: &[&str]) -> assert_cmd::assert::Assert {
+        assert_cmd::Command::new(AMPERE)
+            .args(args)
+            .env("XDG_RUNTIME_DIR", self.xdg.path())
+            .env("NO_COLOR", "1")
+            .timeout(Duration::from_secs(60))
+            .assert()
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        let out = self.cli(args).success().get_output().stdout.clone();
+        serde_json::from_slice(&out)
+            .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", String::from_utf8_lossy(&out)))
+    }
+
+    fn workers(&self) -> Vec<serde_json::Value> {
+        self.json(&["status", "--json"]).as_array().unwrap().clone()
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.xdg
+            .path()
+            .join("ampere")
+            .join(self.ampere.child.id().to_string())
+            .join("admin.sock")
+    }
+}
+
+fn stdout(a: &assert_cmd::assert::Assert) -> String {
+    String::from_utf8_lossy(&a.get_output().stdout).into_owned()
+}
+
+#[test]
+fn every_command_works_against_a_running_runtime() {
+    let mut rt = Runtime::start("");
+    let pids = rt.ampere.wait_ready(2, READY);
+    let pid = rt.ampere.child.id();
+
+    let ps = rt.json(&["ps", "--json"]);
+    assert_eq!(ps[0]["pid"], pid, "{ps}");
+    assert_eq!(ps[0]["services"][0]["name"], "fixture-hello");
+    assert_eq!(ps[0]["services"][0]["workers"], 2);
+    let table = rt.cli(&["ps"]).success();
+    assert!(stdout(&table).contains(&pid.to_string()));
+
+    wait_until(READY, "both workers ready with a heartbeat", || {
+        rt.workers()
+            .iter()
+            .filter(|w| w["state"] == "ready" && w["rss"].is_u64())
+            .count()
+            == 2
+    });
+    let workers = rt.workers();
+    for w in &workers {
+        assert!(pids.contains(&(w["pid"].as_u64().unwrap() as u32)), "{w}");
+        assert_eq!(w["restarts"], 0);
+        assert!(w["rss"].as_u64().unwrap() > 0);
+    }
+    let table = stdout(&rt.cli(&["status", &pid.to_string()]).success());
+    assert!(
+        table.starts_with("SERVICE ") && table.contains("SLOT  PID  "),
+        "{table}"
+    );
+    assert_eq!(table.matches("ready").count(), 2, "{table}");
+    assert!(!table.contains('\x1b'), "colour with NO_COLOR: {table:?}");
+
+    let inject = rt.json(&["inject", "fixture-hello", "GET", "/slow?ms=1", "--json"]);
+    assert_eq!(inject["status"], 200, "{inject}");
+    let body: serde_json::Value = serde_json::from_str(inject["body"].as_str().unwrap()).unwrap();
+    assert!(pids.contains(&(body["pid"].as_u64().unwrap() as u32)));
+    let plain = stdout(
+        &rt.cli(&[
+            "inject",
+            "fixture-hello",
+            "post",
+            "/",
+            "-H",
+            "x-a: 1",
+            "-d",
+            "hi",
+        ])
+        .success(),
+    );
+    assert!(plain.starts_with("HTTP 200"), "{plain}");
+    rt.cli(&["inject", "nope", "GET", "/"])
+        .failure()
+        .stderr(predicates::str::contains("no service \"nope\""));
+
+    let logs = stdout(&rt.cli(&["logs", "-n", "200"]).success());
+    assert!(logs.contains("worker ready"), "{logs}");
+    let records = rt.json(&["logs", "--json", "--service", "fixture-hello"]);
+    assert!(
+        records
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["msg"] == "worker ready"),
+        "{records}"
+    );
+
+    let metrics = stdout(&rt.cli(&["metrics"]).success());
+    assert!(
+        metrics.contains("nodejs_eventloop_utilization{"),
+        "{metrics}"
+    );
+    let samples = rt.json(&["metrics", "--json"]);
+    assert!(
+        samples
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["name"] == "nodejs_heap_size_used_bytes" && s["labels"]["worker"] == "1"),
+        "{samples}"
+    );
+
+    // Follow: the recent records, then new ones as they come.
+    let mut follow = Command::new(AMPERE)
+        .args(["logs", "-f", "-n", "0"])
+        .env("XDG_RUNTIME_DIR", rt.xdg.path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(follow.stdout.take().unwrap()).lines();
+    let reload = rt.json(&["reload", "--json"]);
+    assert_eq!(reload["changes"][0], "nothing changed", "{reload}");
+    let mut seen = false;
+    for line in lines {
+        if line.unwrap().contains("config reloaded") {
+            seen = true;
+            break;
+        }
+    }
+    let _ = follow.kill();
+    let _ = follow.wait();
+    assert!(seen, "logs -f never showed the reload");
+
+    let completions = stdout(&rt.cli(&["completions", "bash"]).success());
+    assert!(completions.contains("ampere") && completions.contains("inject"));
+
+    rt.cli(&["status", "999999"])
+        .failure()
+        .stderr(predicates::str::contains(
+            "no ampere runtime with pid 999999",
+        ));
+
+    let restart = stdout(&rt.cli(&["restart", "fixture-hello"]).success());
+    assert!(restart.contains("rolling restart"), "{restart}");
+    rt.cli(&["restart", "other"])
+        .failure()
+        .stderr(predicates::str::contains("no service \"other\""));
+
+    rt.cli(&["stop"]).success();
+    assert_eq!(rt.ampere.wait_exit(READY), Some(0));
+    let none = stdout(&rt.cli(&["ps"]).success());
+    assert!(none.contains("no ampere runtime"), "{none}");
+}
+
+#[test]
+fn a_restart_under_steady_load_fails_no_request() {
+    let mut rt = Runtime::start("");
+    let first = rt.ampere.wait_ready(2, READY);
+    let served = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = served.clone();
+    let load = Load::start(
+        rt.ampere.addr(),
+        4,
+        "/slow?ms=5",
+        true,
+        Arc::new(move |r: &Response| record.lock().unwrap().push(r.pid())),
+    );
+    rt.cli(&["restart"]).success();
+    wait_until(READY, "the rolling restart to finish", || {
+        rt.ampere
+            .logs
+            .count(|l| msg_is(l, "replaced worker stopped"))
+            >= 2
+    });
+    // Some requests on the new workers too.
+    let fresh = rt.ampere.wait_ready(4, READY);
+    wait_until(READY, "the new workers to serve", || {
+        served
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|p| fresh[2..].contains(p))
+    });
+    let failures = load.finish();
+    assert!(failures.is_empty(), "failed requests: {failures:?}");
+    assert!(served.lock().unwrap().iter().any(|p| first.contains(p)));
+}
+
+#[test]
+fn reload_adds_a_worker_without_touching_the_others_and_refuses_a_bad_config() {
+    let mut rt = Runtime::start("[server]\nworkers = 2\n");
+    rt.ampere.wait_ready(2, READY);
+    wait_until(READY, "2 ready workers", || {
+        rt.workers()
+            .iter()
+            .filter(|w| w["state"] == "ready")
+            .count()
+            == 2
+    });
+    let before: Vec<u64> = rt
+        .workers()
+        .iter()
+        .map(|w| w["pid"].as_u64().unwrap())
+        .collect();
+
+    let text = std::fs::read_to_string(&rt.config.path).unwrap();
+    std::fs::write(&rt.config.path, text.replace("workers = 2", "workers = 3")).unwrap();
+    let out = stdout(&rt.cli(&["reload"]).success());
+    assert!(out.contains("workers 2 -> 3"), "{out}");
+    wait_until(READY, "3 ready workers", || {
+        rt.workers()
+            .iter()
+            .filter(|w| w["state"] == "ready")
+            .count()
+            == 3
+    });
+    let after: Vec<u64> = rt
+        .workers()
+        .iter()
+        .map(|w| w["pid"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        after[..2],
+        before[..],
+        "the first two workers were restarted"
+    );
+    // The third slot takes connections.
+    wait_until(READY, "the new worker to serve", || {
+        get(rt.ampere.addr(), "/", Duration::from_secs(5))
+            .is_ok_and(|r| u64::from(r.pid()) == after[2])
+    });
+
+    // A broken edit: reported, nothing changes, requests still served.
+    std::fs::write(&rt.config.path, text.replace("workers = 2", "workerz = 3")).unwrap();
+    rt.cli(&["reload"])
+        .failure()
+        .stderr(predicates::str::contains("unknown field `workerz`"))
+        .stderr(predicates::str::contains("ampere.toml:"));
+    assert_eq!(
+        rt.workers()
+            .iter()
+            .map(|w| w["pid"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        after
+    );
+    for _ in 0..10 {
+        assert_eq!(
+            get(rt.ampere.addr(), "/", Duration::from_secs(5))
+                .unwrap()
+                .status,
+            200
+        );
+    }
+
+    // Back to 2: the third drains, the others stay.
+    std::fs::write(&rt.config.path, &text).unwrap();
+    let out = stdout(&rt.cli(&["reload"]).success());
+    assert!(out.contains("workers 3 -> 2"), "{out}");
+    wait_until(READY, "2 workers", || rt.workers().len() == 2);
+    let last: Vec<u64> = rt
+        .workers()
+        .iter()
+        .map(|w| w["pid"].as_u64().unwrap())
+        .collect();
+    assert_eq!(last, before);
+    assert!(!alive(after[2] as u32) || wait_gone(after[2] as u32));
+}
+
+fn wait_gone(pid: u32) -> bool {
+    wait_until(READY, "the drained worker to exit", || !alive(pid));
+    true
+}
+
+/// `ampere status SOCKET` as uid/gid 65534 (nobody).
+fn as_nobody(socket: &Path) -> std::process::Output {
+    Command::new(AMPERE)
+        .args(["status", socket.to_str().unwrap()])
+        .uid(65534)
+        .gid(65534)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn another_user_is_refused() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED: switching to another uid needs root");
+        return;
+    }
+    let mut rt = Runtime::start("");
+    rt.ampere.wait_ready(2, READY);
+    let socket = rt.socket();
+    assert_eq!(
+        std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(
+        std::fs::metadata(socket.parent().unwrap())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o700
+    );
+    // The directory keeps others out.
+    let out = as_nobody(&socket);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Permission denied"), "{err}");
+
+    // With the directory and socket opened up, the server still refuses
+    // by the peer's credentials.
+    let mut dir = socket.parent();
+    while let Some(d) = dir {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        if d == rt.xdg.path() {
+            break;
+        }
+        dir = d.parent();
+    }
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = as_nobody(&socket);
+    assert!(!out.status.success(), "{out:?}");
+    rt.ampere
+        .logs
+        .wait_for(READY, "the refusal in the log", |l| {
+            msg_is(l, "admin socket: refused a connection from another user")
+                && l["peer_uid"] == 65534
+        });
+    // The owner still gets in.
+    rt.cli(&["status", socket.to_str().unwrap()]).success();
+}
