@@ -202,6 +202,33 @@ def measure(setup, oha, port, mode, duration, connections):
     }
 
 
+_SINK = []
+
+
+def otlp_sink():
+    """A local OTLP/HTTP receiver that accepts every export (200) and keeps
+    nothing: the port, started once."""
+    if not _SINK:
+        import http.server
+        import threading
+
+        class Sink(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("content-length", 0)))
+                self.send_response(200)
+                self.send_header("content-type", "application/x-protobuf")
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        server = http.server.ThreadingHTTPServer((HOST, 0), Sink)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        _SINK.append(server.server_address[1])
+    return _SINK[0]
+
+
 def machine_meta(node, oha):
     """Where and with what a benchmark ran."""
     node_version = subprocess.run([str(node), "--version"], capture_output=True, text=True).stdout.strip()
@@ -226,7 +253,8 @@ def main():
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--ampere", type=Path, default=None, help="ampere binary (default: build release)")
     ap.add_argument("--setups", default="ampere,bare",
-                    help="comma-separated: ampere, bare, ampere-untimed (request durations off)")
+                    help="comma-separated: ampere, bare, ampere-untimed (request durations off), "
+                         "ampere-traced (OTLP tracing on, every request sampled, to a local sink)")
     ap.add_argument("--modes", default="keep-alive,new-connection",
                     help="comma-separated: keep-alive, new-connection")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -255,8 +283,12 @@ def main():
             for name in order:
                 port = free_port()
                 if name.startswith("ampere"):
+                    extra = ""
+                    if name == "ampere-traced":
+                        extra = (f'[telemetry]\nenabled = true\n'
+                                 f'endpoint = "http://{HOST}:{otlp_sink()}/v1/traces"\n')
                     setup, ready = start_ampere(ampere, node, port, args.workers,
-                                                request_metrics=name != "ampere-untimed")
+                                                request_metrics=name != "ampere-untimed", extra=extra)
                     setup.name = name
                 else:
                     setup, ready = start_bare(node, port, args.workers)
@@ -279,6 +311,10 @@ def main():
         if "ampere" in setups and "bare" in setups:
             a, b = summary[mode]["ampere"], summary[mode]["bare"]
             summary[mode]["ratio"] = {k: a[k]["median"] / b[k]["median"] for k in a}
+        for name in setups:
+            if name not in ("ampere", "bare") and "bare" in setups:
+                a, b = summary[mode][name], summary[mode]["bare"]
+                summary[mode][f"ratio_{name}"] = {k: a[k]["median"] / b[k]["median"] for k in a}
         if "ampere" in setups and "ampere-untimed" in setups:
             a, b = summary[mode]["ampere"], summary[mode]["ampere-untimed"]
             summary[mode]["ratio_timed_untimed"] = {k: a[k]["median"] / b[k]["median"] for k in a}
@@ -306,7 +342,9 @@ def main():
             s = summary[mode][name]
             lines.append(f"| {mode} | {name} | {fmt(s['rps'], 0)} | {fmt(s['p50_ms'], 3)} | "
                          f"{fmt(s['p99_ms'], 3)} | {fmt(s['cpu_us_per_req'], 1)} | {fmt(s['rss_mib'], 1)} |")
-        for key, label in [("ratio", "ampere / bare"), ("ratio_timed_untimed", "ampere / ampere-untimed")]:
+        labels = [("ratio", "ampere / bare"), ("ratio_timed_untimed", "ampere / ampere-untimed")]
+        labels += [(f"ratio_{n}", f"{n} / bare") for n in setups if n not in ("ampere", "bare")]
+        for key, label in labels:
             if key in summary[mode]:
                 r = summary[mode][key]
                 lines.append(f"| {mode} | **{label}** | **{r['rps']:.3f}** | {r['p50_ms']:.3f} | "
