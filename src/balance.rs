@@ -234,8 +234,8 @@ impl Balancer {
     /// The weights for slots in the given states.
     ///
     /// Ready slots share new connections by capacity. The part of a slot's
-    /// share that it is rejecting (503s over requests, smoothed; at least
-    /// half while the agent says it is overloaded) moves to the slots that
+    /// share that it is rejecting (503s over requests, smoothed; all of it
+    /// while the agent says it is rejecting now) moves to the slots that
     /// reject nothing, or, when every ready slot is rejecting, to the
     /// overflow listener. So at twice the capacity about half of the new
     /// connections get their 503 from Rust, and the ramp back after an
@@ -281,7 +281,7 @@ impl Balancer {
             .map(|i| {
                 let r = self.slots.get(*i).map_or(0.0, |s| s.rejecting);
                 if avail[*i] == Availability::Overloaded {
-                    r.max(0.5)
+                    1.0
                 } else {
                     r
                 }
@@ -463,13 +463,13 @@ mod tests {
     #[test]
     fn rejected_shares_move_to_calm_slots_or_else_to_the_overflow_listener() {
         let b = balancer();
-        // Overloaded by the agent's word alone: half its share moves.
+        // Rejecting now, by the agent's word: its whole share moves.
         let w = b.weights(&[Overloaded, Accepting]);
-        assert_eq!((w.slots.clone(), w.overflow), (vec![2500, 7500], 0));
+        assert_eq!((w.slots.clone(), w.overflow), (vec![0, 10000], 0));
         let w = b.weights(&[Overloaded, Overloaded]);
-        assert_eq!((w.slots.clone(), w.overflow), (vec![2500, 2500], 5000));
+        assert_eq!((w.slots.clone(), w.overflow), (vec![0, 0], 10000));
         let w = b.weights(&[Overloaded, Unavailable]);
-        assert_eq!((w.slots.clone(), w.overflow), (vec![5000, 0], 5000));
+        assert_eq!((w.slots.clone(), w.overflow), (vec![0, 0], 10000));
         // Measured: both reject everything.
         let mut b = balancer();
         let start = Instant::now();
@@ -495,7 +495,7 @@ mod tests {
         // Without an overflow listener, overloaded workers keep their queues.
         let b = Balancer::new(BalanceConfig::default(), 2, false);
         let w = b.weights(&[Overloaded, Overloaded]);
-        assert_eq!((w.slots.clone(), w.overflow), (vec![2500, 2500], 0));
+        assert_eq!((w.slots.clone(), w.overflow), (vec![1, 1], 0));
     }
 
     #[test]
