@@ -206,6 +206,33 @@ def one_run(setup, app_name, rate, args, node, oha_bin, ampere):
                 sandbox.kill_cgroup(cg)
 
 
+def closed_loop(setup, mode, args, node, oha_bin, ampere):
+    """Maximum throughput: closed loop, 50 connections, keep-alive or a new
+    connection per request (where a primary that hands over every
+    connection pays)."""
+    with tempfile.TemporaryDirectory(prefix="ampere-compare-") as tmp:
+        running, url, groups = start(setup, Path(tmp), node, ampere, args.app, args.budget, args.pods)
+        try:
+            wait_ok(url)
+            cmd = [oha_bin, "-z", f"{args.duration}s", "-c", "50", "-t", "5s", "--no-tui", "--output-format",
+                   "json", url + "/"]
+            if mode == "new-connection":
+                cmd.insert(1, "--disable-keepalive")
+            subprocess.run(cmd[:2] + ["3s"] + cmd[3:], capture_output=True, timeout=120)  # warm-up
+            pids = [p for cg in groups for p in cgroup_pids(cg)]
+            before = sum(per_process_cpu(pids).values())
+            out = json.loads(subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration + 90).stdout)
+            used = sum(per_process_cpu(pids).values()) - before
+            ok = out["statusCodeDistribution"].get("200", 0)
+            lat = out["latencyPercentiles"]
+            return {"rps": ok / out["summary"]["total"], "p50_ms": (lat.get("p50") or 0) * 1000,
+                    "p99_ms": (lat.get("p99") or 0) * 1000, "cpu_us_per_req": used / ok * 1e6 if ok else None}
+        finally:
+            running.stop()
+            for cg in groups:
+                sandbox.kill_cgroup(cg)
+
+
 def capacity(args, node, oha_bin, ampere):
     """Closed-loop keep-alive throughput of `bare` under the budget."""
     with tempfile.TemporaryDirectory(prefix="ampere-compare-") as tmp:
@@ -276,6 +303,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--budget", type=float, default=1.0, help="CPUs per setup")
     ap.add_argument("--pods", type=int, default=2, help="single-worker pods of the pods setup")
+    ap.add_argument("--closed", default="keep-alive,new-connection",
+                    help="closed-loop maximum-throughput modes to run ('' for none)")
     ap.add_argument("--ampere", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
@@ -302,7 +331,8 @@ def main():
         sh(["cargo", "build", "--release", "--quiet"], cwd=ROOT)
         ampere = ROOT / "target" / "release" / "ampere"
 
-    runs = []
+    runs, closed = [], []
+    modes = [m for m in args.closed.split(",") if m]
     try:
         cap = capacity(args, node, oha_bin, ampere)
         rates = [max(1, round(cap * float(f))) for f in args.rates.split(",")]
@@ -317,6 +347,13 @@ def main():
                     print(f"round {rnd} {rate:6}/s {setup:8} goodput {m['goodput']:7.0f}/s success "
                           f"{m['success']:.1%} p50 {f(m['p50_ms'])} p95 {f(m['p95_ms'])} p99 {f(m['p99_ms'])} ms "
                           f"ready {m['ready_s']:.2f}s rss {m['rss_mib']:.0f} MiB", file=sys.stderr)
+            for mode in modes:
+                for setup in (setups if rnd % 2 == 0 else setups[::-1]):
+                    c = closed_loop(setup, mode, args, node, oha_bin, ampere)
+                    c.update(setup=setup, mode=mode, round=rnd)
+                    closed.append(c)
+                    print(f"round {rnd} closed {mode:14} {setup:8} {c['rps']:7.0f} req/s p50 {c['p50_ms']:.1f} ms "
+                          f"p99 {c['p99_ms']:.1f} ms", file=sys.stderr)
     finally:
         sandbox.cleanup()
 
@@ -329,6 +366,11 @@ def main():
 
     summary = {f"{setup}/{rate}": {k: spread([r[k] for r in runs if (r["setup"], r["rate"]) == (setup, rate)])
                                    for k in keys} for setup in setups for rate in rates}
+    for mode in modes:
+        for setup in setups:
+            rs = [c for c in closed if (c["mode"], c["setup"]) == (mode, setup)]
+            summary[f"closed/{mode}/{setup}"] = {k: spread([c[k] for c in rs])
+                                                 for k in ["rps", "p50_ms", "p99_ms", "cpu_us_per_req"]}
     meta = machine_meta(node, oha_bin)
     meta.update(app=args.app, budget_cpus=args.budget, pods=args.pods, rounds=args.rounds,
                 duration_s=args.duration, capacity_rps=cap, rates=rates)
@@ -366,12 +408,24 @@ def main():
                 ratio = lambda k: "-" if not a[k] or not b[k] or not b[k]["median"] else f"{a[k]['median'] / b[k]['median']:.3f}"
                 lines.append(f"| {rate} | {setup} | {ratio('p50_ms')} | {ratio('p95_ms')} | {ratio('goodput')} | "
                              f"{ratio('success')} |")
+    if modes:
+        lines += ["", "Closed loop, maximum throughput (50 connections; medians, min..max):", "",
+                  "| mode | setup | req/s | p50 ms | p99 ms | CPU µs/req | ampere / setup req/s |",
+                  "|---|---|---|---|---|---|---|"]
+        for mode in modes:
+            a = summary.get(f"closed/{mode}/ampere", {}).get("rps")
+            for setup in setups:
+                c = summary[f"closed/{mode}/{setup}"]
+                ratio = f"{a['median'] / c['rps']['median']:.3f}" if a and c["rps"] and c["rps"]["median"] else "-"
+                lines.append(f"| {mode} | {setup} | {med(c['rps'], 0)} | {med(c['p50_ms'], 2)} | "
+                             f"{med(c['p99_ms'], 2)} | {med(c['cpu_us_per_req'], 0)} | {ratio} |")
     table = "\n".join(lines) + "\n"
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     base = args.out / f"compare-{args.app}-{stamp}"
-    base.with_suffix(".json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=2))
+    base.with_suffix(".json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": runs,
+                                                     "closed": closed}, indent=2))
     base.with_suffix(".md").write_text(table)
     for key, label, log in [("p50_ms", "p50 latency of 200s (ms, log)", True),
                             ("p99_ms", "p99 latency of 200s (ms, log)", True),
