@@ -26,10 +26,13 @@ use crate::config::BalanceConfig;
 pub enum Availability {
     /// A ready worker that is not rejecting requests.
     Accepting,
-    /// A ready worker that answered 503s in its last heartbeat.
+    /// A ready worker whose agent just said it started rejecting (the next
+    /// heartbeat says how much, and ends this).
     Overloaded,
     /// Starting, blocked, draining, or no process at all.
     Unavailable,
+    /// Scaled away by a reload: its socket stays, nobody serves it.
+    Inactive,
 }
 
 /// Steering weights: per slot in slot order, then the overflow listener.
@@ -195,7 +198,12 @@ impl Balancer {
                 .filter(|d| !d.is_zero())
                 .unwrap_or_else(|| now.duration_since(at))
                 .as_secs_f64();
-            let done = beat.requests.saturating_sub(before);
+            // Rejected requests cost next to nothing: they say nothing of
+            // what a served request costs.
+            let done = beat
+                .requests
+                .saturating_sub(before)
+                .saturating_sub(beat.rejected);
             if dt > 0.0 && done > 0 && beat.elu >= MIN_ELU {
                 let sample = done as f64 / dt / beat.elu;
                 s.capacity = Some(ewma(s.capacity, sample, CAPACITY_ALPHA));
@@ -244,13 +252,21 @@ impl Balancer {
     pub fn weights(&self, avail: &[Availability]) -> Weights {
         let n = avail.len();
         let ready: Vec<usize> = (0..n)
-            .filter(|i| avail[*i] != Availability::Unavailable)
+            .filter(|i| {
+                !matches!(
+                    avail[*i],
+                    Availability::Unavailable | Availability::Inactive
+                )
+            })
             .collect();
         if ready.is_empty() {
-            // Nothing better: connections wait in the slots' queues for
-            // the workers starting there.
+            // Nothing better: connections wait in the queues of the slots
+            // whose workers are starting.
             return Weights {
-                slots: vec![1; n],
+                slots: avail
+                    .iter()
+                    .map(|a| u32::from(*a != Availability::Inactive))
+                    .collect(),
                 overflow: 0,
             };
         }
@@ -489,6 +505,9 @@ mod tests {
         let (shares, overflow) = w.shares();
         assert!(overflow > 0.85, "{shares:?} {overflow}");
         assert_eq!(b.weights(&[Unavailable, Unavailable]).overflow, 0);
+        // Nothing ready: queue only where a worker is coming.
+        let w = b.weights(&[Unavailable, Inactive]);
+        assert_eq!((w.slots.clone(), w.overflow), (vec![1, 0], 0));
         // Nobody ready yet: connections wait in the queues.
         let w = b.weights(&[Unavailable, Unavailable]);
         assert_eq!((w.slots.clone(), w.overflow), (vec![1, 1], 0));

@@ -68,7 +68,11 @@ struct Slot {
     /// Early rejections (503) in this slot, and whether the last heartbeat
     /// reported any.
     rejected: Rejected,
+    /// For the log: whether the last heartbeat reported rejections.
     overloaded: bool,
+    /// For steering: the current worker said it started rejecting, and no
+    /// heartbeat of its own has said how much since.
+    rejecting_now: bool,
     /// Keep-alive connections closed in this slot to rebalance.
     rebalanced: u64,
     /// Restarts and replacements in this slot.
@@ -95,6 +99,7 @@ impl Slot {
             http: BTreeMap::new(),
             rejected: Rejected::default(),
             overloaded: false,
+            rejecting_now: false,
             rebalanced: 0,
             restarts: 0,
             rate: None,
@@ -123,9 +128,9 @@ impl Slot {
 
     fn availability(&self) -> Availability {
         if !self.active {
-            return Availability::Unavailable;
+            return Availability::Inactive;
         }
-        match (self.accepting(), self.overloaded) {
+        match (self.accepting(), self.rejecting_now) {
             (false, _) => Availability::Unavailable,
             (true, true) => Availability::Overloaded,
             (true, false) => Availability::Accepting,
@@ -333,6 +338,8 @@ impl Supervisor {
         if let Event::Exited(status) = ev.event {
             if is_current {
                 let w = slot.worker.take().expect("checked above");
+                slot.rejecting_now = false;
+                self.balancer.reset(index);
                 self.on_exit(index, w, status);
             } else if let Some(i) = retiring {
                 let r = slot.retiring.remove(i);
@@ -400,6 +407,7 @@ impl Supervisor {
                 rejected = Some((hb.rejected, hb.inflight, hb.delay_p99_ms));
                 slot.rebalanced += hb.shed;
                 if retiring.is_none() {
+                    slot.rejecting_now = false;
                     if let Some(before) = slot.rate
                         && hb.interval_ms > 0.0
                     {
@@ -452,7 +460,9 @@ impl Supervisor {
                 Action::None
             }
             Event::Message(AgentMessage::Overloaded { reason }) => {
-                overloaded = Some(reason);
+                if retiring.is_none() {
+                    overloaded = Some(reason);
+                }
                 Action::None
             }
             Event::Message(AgentMessage::Spans { spans }) => {
@@ -800,12 +810,12 @@ impl Supervisor {
         self.advance_rolling();
     }
 
-    /// Counts a heartbeat's early rejections, and logs when a worker enters
-    /// or leaves overload.
-    /// The agent says it started rejecting: steer new connections away now,
-    /// not at the next heartbeat.
+    /// The current worker's agent says it started rejecting: steer new
+    /// connections away now, not at the next heartbeat (which says how much
+    /// it rejects, and ends this).
     fn on_overloaded(&mut self, index: usize, reason: &str) {
         let slot = &mut self.slots[index];
+        slot.rejecting_now = true;
         if !slot.overloaded {
             slot.overloaded = true;
             warn!(
@@ -818,6 +828,8 @@ impl Supervisor {
         }
     }
 
+    /// Counts a heartbeat's early rejections, and logs when a worker enters
+    /// or leaves overload.
     fn on_rejections(&mut self, index: usize, r: Rejected, inflight: u64, delay_p99_ms: f64) {
         let slot = &mut self.slots[index];
         slot.rejected.inflight += r.inflight;
@@ -1022,15 +1034,16 @@ impl Supervisor {
         let restart_workers = command != self.command;
         let from = self.slots.iter().filter(|s| s.active).count();
         let to = new.workers;
+        // Sockets first: if one cannot be opened, nothing has changed yet.
+        if let Err(e) = self.listeners.ensure_slot(to.saturating_sub(1)) {
+            return Err(format!("cannot open the sockets of {to} workers: {e}"));
+        }
         self.balancer.set_config(new.config.balance.clone());
         self.settings = new;
         self.command = command;
         if to > from {
             for index in 0..to {
                 if index >= self.slots.len() {
-                    if let Err(e) = self.listeners.ensure_slot(index) {
-                        return Err(format!("cannot open the socket of worker {index}: {e}"));
-                    }
                     self.slots.push(Slot::new(index));
                     self.balancer.resize(self.slots.len());
                 }
@@ -1044,12 +1057,17 @@ impl Supervisor {
         } else if to < from {
             for slot in self.slots.iter_mut().skip(to) {
                 slot.active = false;
+                self.balancer.reset(slot.index);
             }
             changes.push(format!("workers {from} -> {to}"));
         }
         if restart_workers {
+            // Workers started by this reload already run the new command.
             self.rolling = None;
             self.start_rolling_restart("config reload");
+            if let Some(r) = &mut self.rolling {
+                r.pending.retain(|i| *i < from.min(to));
+            }
             changes.push("worker command or environment changed: rolling restart".into());
         }
         if changes.is_empty() {
@@ -1126,6 +1144,8 @@ impl Supervisor {
                 .filter(|s| s.active)
                 .map(|s| s.index)
                 .collect(),
+            // (slots are filtered again as they come up: a reload may
+            // deactivate some meanwhile)
             current: None,
         });
     }
@@ -1136,21 +1156,23 @@ impl Supervisor {
         };
         if let Some(i) = rolling.current {
             let slot = &self.slots[i];
-            let done = slot.retiring.is_empty()
-                && slot
-                    .worker
-                    .as_ref()
-                    .is_some_and(|w| w.state == State::Ready);
+            let done = !slot.active
+                || slot.retiring.is_empty()
+                    && slot
+                        .worker
+                        .as_ref()
+                        .is_some_and(|w| w.state == State::Ready);
             if !done {
                 return;
             }
             rolling.current = None;
         }
         while let Some(i) = rolling.pending.pop_front() {
-            if self.slots[i]
-                .worker
-                .as_ref()
-                .is_some_and(|w| w.state == State::Ready)
+            if self.slots[i].active
+                && self.slots[i]
+                    .worker
+                    .as_ref()
+                    .is_some_and(|w| w.state == State::Ready)
             {
                 rolling.current = Some(i);
                 self.replace(i, &Verdict::Rolling);

@@ -40,6 +40,7 @@ pub struct ExportTask {
     rx: mpsc::Receiver<Vec<AgentSpan>>,
     metrics: Arc<Metrics>,
     endpoint: String,
+    scope: InstrumentationScope,
 }
 
 /// Sets up the exporter when tracing is on.
@@ -82,6 +83,9 @@ pub fn start(
             rx,
             metrics,
             endpoint,
+            scope: InstrumentationScope::builder("ampere")
+                .with_version(env!("CARGO_PKG_VERSION"))
+                .build(),
         },
     )))
 }
@@ -107,8 +111,14 @@ impl ExportTask {
                     Err(_) => break,
                 }
             }
-            let n = spans.len() as u64;
-            let batch: Vec<SpanData> = spans.iter().filter_map(span_data).collect();
+            let batch: Vec<SpanData> = spans
+                .iter()
+                .filter_map(|s| span_data(s, &self.scope))
+                .collect();
+            // Spans with ids that are not hex are lost here, and counted.
+            self.metrics
+                .count_spans_dropped((spans.len() - batch.len()) as u64);
+            let n = batch.len() as u64;
             match self.exporter.export(batch).await {
                 Ok(()) => {
                     self.metrics.count_spans_exported(n);
@@ -132,7 +142,7 @@ impl ExportTask {
 
 /// The OpenTelemetry form of an agent's span; `None` if its ids are not
 /// valid hex.
-fn span_data(s: &AgentSpan) -> Option<SpanData> {
+fn span_data(s: &AgentSpan, scope: &InstrumentationScope) -> Option<SpanData> {
     let trace_id = TraceId::from_hex(&s.trace_id).ok()?;
     let span_id = SpanId::from_hex(&s.span_id).ok()?;
     let parent = match &s.parent_span_id {
@@ -176,9 +186,7 @@ fn span_data(s: &AgentSpan) -> Option<SpanData> {
         } else {
             Status::Unset
         },
-        instrumentation_scope: InstrumentationScope::builder("ampere")
-            .with_version(env!("CARGO_PKG_VERSION"))
-            .build(),
+        instrumentation_scope: scope.clone(),
     })
 }
 
@@ -199,7 +207,8 @@ mod tests {
             start_us: 1_000_000,
             end_us: 1_250_000,
         };
-        let d = span_data(&s).unwrap();
+        let scope = InstrumentationScope::builder("ampere").build();
+        let d = span_data(&s, &scope).unwrap();
         assert_eq!(d.name, "GET /users/:id");
         assert_eq!(d.span_kind, SpanKind::Server);
         assert!(d.parent_span_is_remote);
@@ -212,6 +221,6 @@ mod tests {
             trace_id: "zz".into(),
             ..s
         };
-        assert!(span_data(&bad).is_none());
+        assert!(span_data(&bad, &scope).is_none());
     }
 }
