@@ -76,6 +76,16 @@ class Running:
         self._stop()
 
 
+def stop_group(proc):
+    """SIGTERM to the process group of `proc`, SIGKILL if it lingers."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except (subprocess.TimeoutExpired, ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def node_bin(node):
     return str(Path(node).parent)
 
@@ -152,12 +162,7 @@ def start_watt(work, node, port):
                             stderr=subprocess.STDOUT, start_new_session=True)
 
     def stop():
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        except (subprocess.TimeoutExpired, ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)
 
     return Running("watt", proc, log, stop, lambda: [proc.pid])
 

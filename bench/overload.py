@@ -44,7 +44,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from overhead import (HOST, ROOT, TOOLS, children, ensure_node, ensure_oha,  # noqa: E402
                       free_port, machine_meta, sh, wait_http)
-from faults import Running, ensure_peers, node_bin  # noqa: E402
+from faults import Running, ensure_peers, node_bin, stop_group  # noqa: E402
 
 APPS = {
     "cpu": {"dir": ROOT / "bench" / "apps" / "cpu", "path": "/"},
@@ -158,12 +158,7 @@ def start_watt(work, node, port, app_name):
                             stderr=subprocess.STDOUT, start_new_session=True)
 
     def stop():
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        except (subprocess.TimeoutExpired, ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)
         watt_json.unlink(missing_ok=True)
 
     return Running("watt", proc, log, stop, lambda: [proc.pid])
