@@ -29,8 +29,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import (HOST, ROOT, children, cpu_seconds, ensure_node, ensure_oha,  # noqa: E402
-                      free_port, machine_meta, sh, spread, start_ampere, start_bare)
+from overhead import (HOST, ROOT, cpu_seconds, ensure_node, ensure_oha,  # noqa: E402
+                      free_port, machine_meta, sh, start_ampere, start_bare)
+from stats import cell, spread  # noqa: E402
 
 APP = ROOT / "bench" / "apps" / "cpu"
 # ampere variants: extra config for each.
@@ -147,7 +148,7 @@ def main():
     meta = machine_meta(node, oha)
     meta.update(rounds=args.rounds, duration_s=args.duration, settle_s=args.settle,
                 connections=args.connections, capacity_rps=cap, rate=rate, load=args.load)
-    fmt = lambda s, d, m=1: f"{s['median'] * m:.{d}f} ({s['min'] * m:.{d}f}..{s['max'] * m:.{d}f})"
+    fmt = cell
     lines = [
         "# bench/balance: per-worker CPU split, ampere vs bare reusePort processes",
         "",

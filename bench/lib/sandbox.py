@@ -1,11 +1,24 @@
-"""bench sandboxes: CPU budgets (cgroup v1 cpu controller) and Kubernetes-like
-pods (network namespaces behind a Service address that iptables DNAT spreads
-over them, as kube-proxy's iptables mode does with the statistic match).
+"""bench sandboxes: CPU budgets and Kubernetes-like pods.
+
+CPU budgets (`Group`), one of, picked by `detect()` or forced:
+- v1:  a cgroup v1 CPU quota (/sys/fs/cgroup/cpu), as Kubernetes' CPU
+       limits are enforced on cgroup v1 nodes;
+- v2:  a cgroup v2 `cpu.max` quota (/sys/fs/cgroup with the cpu controller);
+- pin: dedicated CPUs (taskset), as Kubernetes' static CPU manager gives
+       a pod with whole CPUs; needs whole CPUs and a machine large enough.
+
+Services, one of:
+- dnat:  each pod in its own network namespace with its own address, and a
+         Service address that iptables DNAT spreads over them at random
+         (kube-proxy's iptables mode, the statistic match); needs `ip` and
+         `iptables` with the nat table;
+- split: each pod on its own loopback address, with the load generator
+         split evenly over them (no namespaces or iptables needed).
 
 Everything created here is recorded and removed by `cleanup()`, which the
-benchmark calls in `finally` and on SIGINT/SIGTERM; `cleanup_stale()` removes
-what an interrupted earlier run left behind (names carry the `ampb` prefix).
-Needs root, `ip` (iproute2) and `iptables`.
+benchmark calls in `finally` and on SIGINT/SIGTERM; `cleanup_stale()`
+removes what an interrupted earlier run left behind (names carry the `ampb`
+prefix). Needs root.
 """
 
 import os
@@ -13,58 +26,159 @@ import shutil
 import subprocess
 from pathlib import Path
 
-CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
+CGROUP_V1 = Path("/sys/fs/cgroup/cpu")
+CGROUP_V2 = Path("/sys/fs/cgroup")
 ROOT_GROUP = "ampere-bench"
 PERIOD_US = 100_000
 PREFIX = "ampb"
 CHAIN = "AMPB-SVC"
+# Marks every process started in a group, for finding them without a cgroup.
+MARKER = "AMPERE_BENCH_GROUP"
 # Pods get 10.201.<k>.2, the host side of their link 10.201.<k>.1.
 POD_NET = "10.201"
 
-_created = {"cgroups": [], "netns": [], "links": [], "iptables": False}
+MODE = {"cpu": None, "service": None}
+_created = {"groups": [], "netns": [], "links": [], "iptables": False}
 
 
 def need_root():
     if os.geteuid() != 0:
         raise SystemExit("this benchmark needs root (cgroups, network namespaces, iptables)")
-    for tool in ("ip", "iptables"):
-        if shutil.which(tool) is None:
-            raise SystemExit(f"{tool} is missing: apt-get install iproute2 iptables")
-    if not (CGROUP_CPU / "cpu.cfs_quota_us").exists():
-        raise SystemExit(f"no cgroup v1 cpu controller at {CGROUP_CPU}")
 
 
 def sh(*cmd, check=True):
     return subprocess.run(cmd, check=check, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def cgroup(name, cpus):
-    """A cgroup limited to `cpus` CPUs (may be fractional); its path."""
-    path = CGROUP_CPU / ROOT_GROUP / name
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "cpu.cfs_period_us").write_text(str(PERIOD_US))
-    (path / "cpu.cfs_quota_us").write_text(str(int(cpus * PERIOD_US)))
-    _created["cgroups"].append(path)
-    return path
+def _v1_works():
+    try:
+        if not (CGROUP_V1 / "cpu.cfs_quota_us").exists():
+            return False
+        (CGROUP_V1 / ROOT_GROUP).mkdir(exist_ok=True)
+        return True
+    except OSError:
+        return False
 
 
-def cpu_seconds(path):
-    """CPU time used by everything in the cgroup (cpuacct shares the v1
-    hierarchy with cpu here; falls back to cpu.stat's throttled-free view)."""
-    for f in (path / "cpuacct.usage",
-              Path(str(path).replace("/cpu/", "/cpuacct/")) / "cpuacct.usage"):
-        if f.exists():
-            return int(f.read_text()) / 1e9
-    return 0.0
+def _v2_works():
+    try:
+        if "cpu" not in (CGROUP_V2 / "cgroup.controllers").read_text().split():
+            return False
+        if "cpu" not in (CGROUP_V2 / "cgroup.subtree_control").read_text().split():
+            (CGROUP_V2 / "cgroup.subtree_control").write_text("+cpu")
+        root = CGROUP_V2 / ROOT_GROUP
+        root.mkdir(exist_ok=True)
+        (root / "cgroup.subtree_control").write_text("+cpu")
+        probe = root / "probe"
+        probe.mkdir(exist_ok=True)
+        (probe / "cpu.max").write_text(f"{PERIOD_US} {PERIOD_US}")
+        probe.rmdir()
+        return True
+    except OSError:
+        return False
 
 
-def run_in(path, netns=None):
-    """A command prefix that starts a program inside cgroup `path` (and
-    network namespace `netns`): children inherit both."""
-    # Into the cgroup first: `ip netns exec` remounts /sys, which hides the
-    # cgroup hierarchy from inside.
-    enter = ["ip", "netns", "exec", netns] if netns else []
-    return ["sh", "-c", f'echo $$ > {path}/cgroup.procs && exec "$0" "$@"'] + enter
+def _dnat_works():
+    if shutil.which("ip") is None or shutil.which("iptables") is None:
+        return False
+    ns, chain = f"{PREFIX}probe", "AMPB-PROBE"
+    try:
+        sh("ip", "netns", "add", ns)
+        sh("ip", "link", "add", f"{PREFIX}vprobe", "type", "veth", "peer", "name", "eth0", "netns", ns)
+        sh("iptables", "-t", "nat", "-N", chain)
+        sh("iptables", "-t", "nat", "-A", chain, "-p", "tcp", "-m", "statistic", "--mode", "random",
+           "--probability", "0.5", "-j", "DNAT", "--to-destination", "10.201.0.2:8080")
+        return True
+    except (subprocess.CalledProcessError, OSError):
+        return False
+    finally:
+        sh("iptables", "-t", "nat", "-F", chain, check=False)
+        sh("iptables", "-t", "nat", "-X", chain, check=False)
+        sh("ip", "link", "del", f"{PREFIX}vprobe", check=False)
+        sh("ip", "netns", "del", ns, check=False)
+
+
+def detect(cpu="auto", service="auto"):
+    """Picks how CPU budgets and Services are made on this machine; returns
+    MODE. Forced modes are taken as given."""
+    if cpu == "auto":
+        cpu = "v1" if _v1_works() else "v2" if _v2_works() else "pin"
+    elif cpu == "v2":
+        _v2_works()
+    if service == "auto":
+        service = "dnat" if _dnat_works() else "split"
+    MODE.update(cpu=cpu, service=service)
+    return MODE
+
+
+class Group:
+    """A CPU budget that processes are started in: a cgroup quota of `cpus`
+    (v1, v2), or the CPUs in `cpuset` (pin). Every process started through
+    `prefix()` carries the group's name in its environment."""
+
+    def __init__(self, name, cpus, cpuset=None):
+        self.name, self.cpus, self.cpuset, self.path = f"{PREFIX}-{name}", cpus, cpuset, None
+        if MODE["cpu"] == "v1":
+            self.path = CGROUP_V1 / ROOT_GROUP / name
+            self.path.mkdir(parents=True, exist_ok=True)
+            (self.path / "cpu.cfs_period_us").write_text(str(PERIOD_US))
+            (self.path / "cpu.cfs_quota_us").write_text(str(int(cpus * PERIOD_US)))
+        elif MODE["cpu"] == "v2":
+            self.path = CGROUP_V2 / ROOT_GROUP / name
+            self.path.mkdir(parents=True, exist_ok=True)
+            (self.path / "cpu.max").write_text(f"{int(cpus * PERIOD_US)} {PERIOD_US}")
+        elif cpuset is None:
+            raise SystemExit("pinned CPU budgets need a cpuset")
+        _created["groups"].append(self)
+
+    def prefix(self, netns=None):
+        """A command prefix that starts a program in this group (and in
+        network namespace `netns`); children inherit both."""
+        # Into the cgroup first: `ip netns exec` remounts /sys, which hides
+        # the cgroup hierarchy from inside.
+        enter = ["sh", "-c", f'echo $$ > {self.path}/cgroup.procs && exec "$0" "$@"'] if self.path else []
+        enter += ["ip", "netns", "exec", netns] if netns else []
+        enter += ["env", f"{MARKER}={self.name}"]
+        return enter + (["taskset", "-c", self.cpuset] if self.cpuset else [])
+
+    def pids(self):
+        if self.path:
+            try:
+                return [int(p) for p in (self.path / "cgroup.procs").read_text().split()]
+            except OSError:
+                return []
+        needle = f"{MARKER}={self.name}".encode()
+        out = []
+        for p in Path("/proc").iterdir():
+            if p.name.isdigit():
+                try:
+                    if needle in (p / "environ").read_bytes().split(b"\0"):
+                        out.append(int(p.name))
+                except OSError:
+                    pass
+        return out
+
+    def kill(self):
+        for pid in self.pids():
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+
+    def remove(self):
+        self.kill()
+        if self.path:
+            for _ in range(50):
+                try:
+                    self.path.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    import time
+                    time.sleep(0.02)
+        if self in _created["groups"]:
+            _created["groups"].remove(self)
 
 
 def pods(count, service_ip, service_port, pod_port):
@@ -77,6 +191,13 @@ def pods(count, service_ip, service_port, pod_port):
         ns, host_if = f"{PREFIX}{k}", f"{PREFIX}v{k}"
         sh("ip", "netns", "add", ns)
         _created["netns"].append(ns)
+        # The pod's own resolver (`ip netns exec` binds /etc/netns/<ns>/*
+        # over /etc): one that refuses at once, since nothing outside the
+        # machine is reachable from a pod (PM2's CLI otherwise waits 10 s
+        # for DNS timeouts).
+        etc = Path("/etc/netns") / ns
+        etc.mkdir(parents=True, exist_ok=True)
+        (etc / "resolv.conf").write_text("nameserver 127.0.0.1\n")
         sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", ns)
         _created["links"].append(host_if)
         sh("ip", "addr", "add", f"{POD_NET}.{k}.1/24", "dev", host_if)
@@ -99,8 +220,8 @@ def pods(count, service_ip, service_port, pod_port):
     return out
 
 
-def cleanup():
-    """Removes everything this run created; safe to call twice."""
+def cleanup_service():
+    """Removes the Service and the pods' namespaces; safe to call twice."""
     if _created["iptables"]:
         service_ip, service_port = _created["iptables"]
         sh("iptables", "-t", "nat", "-D", "OUTPUT", "-d", f"{service_ip}/32", "-p", "tcp", "--dport",
@@ -116,53 +237,57 @@ def cleanup():
             except (ProcessLookupError, ValueError):
                 pass
         sh("ip", "netns", "del", ns, check=False)
+        shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
     for link in _created["links"]:
         sh("ip", "link", "del", link, check=False)
     _created["netns"].clear()
     _created["links"].clear()
-    for path in reversed(_created["cgroups"]):
-        kill_cgroup(path)
+
+
+def cleanup():
+    """Removes everything this run created; safe to call twice."""
+    if shutil.which("ip") and shutil.which("iptables"):
+        cleanup_service()
+    for group in list(_created["groups"]):
+        group.remove()
+    for base in (CGROUP_V1, CGROUP_V2):
         try:
-            path.rmdir()
+            (base / ROOT_GROUP).rmdir()
         except OSError:
             pass
-    _created["cgroups"].clear()
-    try:
-        (CGROUP_CPU / ROOT_GROUP).rmdir()
-    except OSError:
-        pass
-
-
-def kill_cgroup(path):
-    try:
-        for pid in (path / "cgroup.procs").read_text().split():
-            try:
-                os.kill(int(pid), 9)
-            except ProcessLookupError:
-                pass
-    except OSError:
-        pass
 
 
 def cleanup_stale():
-    """What an interrupted run left: namespaces, links, the chain, cgroups."""
-    for ns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split("\n"):
-        name = ns.split(" ")[0]
-        if name.startswith(PREFIX):
-            _created["netns"].append(name)
-            _created["links"].append(f"{PREFIX}v{name[len(PREFIX):]}")
-    chains = subprocess.run(["iptables", "-t", "nat", "-S"], capture_output=True, text=True).stdout
-    for line in chains.splitlines():
-        if f"-j {CHAIN}" in line and line.startswith("-A OUTPUT"):
-            parts = line.split()
-            dest = parts[parts.index("-d") + 1].split("/")[0]
-            port = parts[parts.index("--dport") + 1]
-            _created["iptables"] = (dest, port)
-    if f"-N {CHAIN}" in chains and not _created["iptables"]:
-        sh("iptables", "-t", "nat", "-X", CHAIN, check=False)
-    root = CGROUP_CPU / ROOT_GROUP
-    if root.exists():
-        for child in root.iterdir():
-            if child.is_dir():
-                _created["cgroups"].append(child)
+    """What an interrupted run left: namespaces, links, the chain, cgroups,
+    marked processes."""
+    if shutil.which("ip") and shutil.which("iptables"):
+        for ns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split("\n"):
+            name = ns.split(" ")[0]
+            if name.startswith(PREFIX):
+                _created["netns"].append(name)
+                _created["links"].append(f"{PREFIX}v{name[len(PREFIX):]}")
+        chains = subprocess.run(["iptables", "-t", "nat", "-S"], capture_output=True, text=True).stdout
+        for line in chains.splitlines():
+            if f"-j {CHAIN}" in line and line.startswith("-A OUTPUT"):
+                parts = line.split()
+                dest = parts[parts.index("-d") + 1].split("/")[0]
+                port = parts[parts.index("--dport") + 1]
+                _created["iptables"] = (dest, port)
+        if f"-N {CHAIN}" in chains and not _created["iptables"]:
+            sh("iptables", "-t", "nat", "-X", CHAIN, check=False)
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if f"{MARKER}={PREFIX}-".encode() in (p / "environ").read_bytes():
+                    os.kill(int(p.name), 9)
+            except OSError:
+                pass
+    for base in (CGROUP_V1, CGROUP_V2):
+        root = base / ROOT_GROUP
+        if root.exists():
+            for child in root.iterdir():
+                if child.is_dir():
+                    stale = Group.__new__(Group)
+                    stale.name, stale.cpus, stale.cpuset, stale.path = child.name, 0, None, child
+                    _created["groups"].append(stale)
     cleanup()
