@@ -303,6 +303,7 @@ function start() {
   function onMessage(msg) {
     if (msg.type === 'drain') drain(msg.urgent === true);
     else if (msg.type === 'shed') shedLeft = Math.max(0, Number(msg.connections) || 0);
+    else if (msg.type === 'ping') send({ type: 'pong' });
   }
 
   function drain(urgent) {

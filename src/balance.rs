@@ -105,6 +105,8 @@ struct SlotLoad {
     beats: u32,
     /// Smoothed share (0..1) of its requests that the worker answers 503.
     rejecting: f64,
+    /// Requests per second over the last heartbeat's interval.
+    rps: Option<f64>,
 }
 
 /// What the balancer reads from one heartbeat.
@@ -172,7 +174,15 @@ impl Balancer {
         };
         s.beats += 1;
         s.conns = beat.conns;
-        if let Some((_, before)) = s.last {
+        if let Some((at, before)) = s.last {
+            let dt = beat
+                .interval
+                .filter(|d| !d.is_zero())
+                .unwrap_or_else(|| now.duration_since(at))
+                .as_secs_f64();
+            if dt > 0.0 {
+                s.rps = Some(beat.requests.saturating_sub(before) as f64 / dt);
+            }
             let done = beat.requests.saturating_sub(before);
             let share = if done == 0 {
                 0.0
@@ -237,6 +247,12 @@ impl Balancer {
         if self.overflow_share < 0.001 {
             self.overflow_share = 0.0;
         }
+    }
+
+    /// The current worker's requests per second (served and rejected) over
+    /// its last heartbeat's interval.
+    pub fn rps(&self, slot: usize) -> Option<f64> {
+        self.slots.get(slot).and_then(|s| s.rps)
     }
 
     /// The weights for slots in the given states.

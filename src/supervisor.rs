@@ -52,6 +52,23 @@ enum Phase {
     Killed,
 }
 
+/// A worker's state as metrics and `ampere status` show it.
+fn state_label(w: &Worker) -> &'static str {
+    if w.suspect {
+        "suspect"
+    } else {
+        w.state.as_str()
+    }
+}
+
+/// How many connections may wait in a slot's queue: half the backlog.
+fn queue_limit(backlog: u32) -> u32 {
+    (backlog / 2).max(8)
+}
+
+/// How often the accept queues are sampled (one getsockopt per slot).
+const QUEUE_CHECK: Duration = Duration::from_millis(10);
+
 /// One worker position: its socket (in [`Listeners`]) outlives the processes
 /// that serve it.
 struct Slot {
@@ -77,14 +94,80 @@ struct Slot {
     rebalanced: u64,
     /// Restarts and replacements in this slot.
     restarts: u64,
-    /// The current worker's request counter at its last heartbeat, and its
-    /// requests per second since the one before.
-    rate: Option<u64>,
-    rps: Option<f64>,
     /// Part of the service's worker count. A slot scaled away by a reload
     /// keeps its socket (closing it would reset its queue and renumber the
     /// reuseport group) but gets no connections and no process.
     active: bool,
+    /// The slot's accept queue, as the supervisor last sampled it.
+    queue: QueueWatch,
+}
+
+/// Whether a slot's worker takes the connections waiting in its accept
+/// queue. While connections wait, the supervisor pings the worker over the
+/// control channel; the agent answers when its event loop next gets to I/O,
+/// which is when it would accept them. A worker that has not answered
+/// within `[overload] max_delay` (one long event-loop turn, a blocked loop,
+/// a stop for garbage collection) gets no new connections until it does:
+/// they would wait behind it, and a heartbeat, hundreds of milliseconds
+/// later, is too late to say so. Likewise while its queue holds half the
+/// backlog: a full one drops new connections' SYNs, and clients retry only
+/// after a second.
+#[derive(Debug, Clone, Copy)]
+struct QueueWatch {
+    /// Connections waiting at the last sample.
+    len: u32,
+    /// The ping the worker has not answered yet, sent then.
+    ping_at: Option<Instant>,
+    /// Steered away: connections wait and the worker has not answered for
+    /// `max_delay`, or the queue is half full.
+    stalled: bool,
+    /// Times the slot was steered away for it.
+    stalls: u64,
+}
+
+impl QueueWatch {
+    fn new() -> Self {
+        QueueWatch {
+            len: 0,
+            ping_at: None,
+            stalled: false,
+            stalls: 0,
+        }
+    }
+
+    /// A new sample of the queue's length; (whether `stalled` changed,
+    /// whether to ping the worker). `window`: how long the worker may take
+    /// to answer; `limit`: how long the queue may grow.
+    fn sample(&mut self, len: u32, now: Instant, window: Duration, limit: u32) -> (bool, bool) {
+        self.len = len;
+        if len == 0 {
+            // It took every connection: its loop runs.
+            self.ping_at = None;
+        }
+        let ping = len > 0 && self.ping_at.is_none();
+        if ping {
+            self.ping_at = Some(now);
+        }
+        let late = self
+            .ping_at
+            .is_some_and(|t| now.duration_since(t) >= window);
+        (self.set(len > 0 && (late || len >= limit)), ping)
+    }
+
+    /// The worker answered a ping; whether `stalled` changed.
+    fn pong(&mut self, limit: u32) -> bool {
+        self.ping_at = None;
+        self.set(self.len >= limit)
+    }
+
+    fn set(&mut self, stalled: bool) -> bool {
+        let changed = stalled != self.stalled;
+        if stalled && changed {
+            self.stalls += 1;
+        }
+        self.stalled = stalled;
+        changed
+    }
 }
 
 impl Slot {
@@ -102,9 +185,8 @@ impl Slot {
             rejecting_now: false,
             rebalanced: 0,
             restarts: 0,
-            rate: None,
-            rps: None,
             active: true,
+            queue: QueueWatch::new(),
         }
     }
 
@@ -130,7 +212,7 @@ impl Slot {
         if !self.active {
             return Availability::Inactive;
         }
-        match (self.accepting(), self.rejecting_now) {
+        match (self.accepting(), self.rejecting_now || self.queue.stalled) {
             (false, _) => Availability::Unavailable,
             (true, true) => Availability::Overloaded,
             (true, false) => Availability::Accepting,
@@ -248,6 +330,8 @@ impl Supervisor {
         let mut int = signal(SignalKind::interrupt())?;
         let mut hup = signal(SignalKind::hangup())?;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut queue_tick = tokio::time::interval(QUEUE_CHECK);
+        queue_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         info!(
             service = &*self.service,
             address = %self.listeners.addr(),
@@ -264,6 +348,8 @@ impl Supervisor {
         self.after_change();
         let first = loop {
             let wake = self.next_deadline();
+            let watch = self.watches_queues();
+            let mut changed = true;
             tokio::select! {
                 Some(ev) = self.events.recv() => self.on_event(ev),
                 _ = term.recv() => break Signal::SIGTERM,
@@ -276,8 +362,11 @@ impl Supervisor {
                 }
                 _ = sleep_until(wake) => self.on_timer(),
                 _ = tick.tick() => self.probes.tick(),
+                _ = queue_tick.tick(), if watch => changed = self.check_queues(),
             }
-            self.after_change();
+            if changed {
+                self.after_change();
+            }
         };
         Ok(self.shutdown(first, &mut term, &mut int).await)
     }
@@ -375,8 +464,7 @@ impl Supervisor {
                     w.tracker = Tracker::new(now);
                     if retiring.is_none() {
                         self.balancer.reset(index);
-                        slot.rate = None;
-                        slot.rps = None;
+                        slot.queue = QueueWatch::new();
                     }
                     info!(
                         service = &*self.service,
@@ -408,13 +496,6 @@ impl Supervisor {
                 slot.rebalanced += hb.shed;
                 if retiring.is_none() {
                     slot.rejecting_now = false;
-                    if let Some(before) = slot.rate
-                        && hb.interval_ms > 0.0
-                    {
-                        let done = hb.requests.saturating_sub(before) as f64;
-                        slot.rps = Some(done * 1e3 / hb.interval_ms);
-                    }
-                    slot.rate = Some(hb.requests);
                     let beat = Beat {
                         elu: hb.elu,
                         interval: (hb.interval_ms > 0.0)
@@ -468,6 +549,13 @@ impl Supervisor {
             Event::Message(AgentMessage::Spans { spans }) => {
                 if let Some(t) = &self.traces {
                     t.submit(spans);
+                }
+                Action::None
+            }
+            Event::Message(AgentMessage::Pong) => {
+                if retiring.is_none() {
+                    slot.queue
+                        .pong(queue_limit(self.settings.config.server.backlog));
                 }
                 Action::None
             }
@@ -810,6 +898,50 @@ impl Supervisor {
         self.advance_rolling();
     }
 
+    /// Whether the accept queues are watched: steering by load is on and the
+    /// kernel takes steering programs.
+    fn watches_queues(&self) -> bool {
+        self.settings.config.balance.load_aware && self.listeners.can_steer()
+    }
+
+    /// Samples every serving slot's accept queue, pinging the workers that
+    /// have connections waiting; whether a slot stalled or moved again (the
+    /// weights need recomputing).
+    fn check_queues(&mut self) -> bool {
+        let now = Instant::now();
+        let window = Some(self.settings.config.overload.max_delay.get())
+            .filter(|d| !d.is_zero())
+            .unwrap_or(Duration::from_millis(100));
+        let limit = queue_limit(self.settings.config.server.backlog);
+        let mut changed = false;
+        for slot in self.slots.iter_mut() {
+            // Watched while the current worker serves: its agent answers.
+            let ready = slot
+                .worker
+                .as_ref()
+                .filter(|w| w.state == State::Ready && !w.suspect);
+            let len = match ready {
+                Some(_) if slot.active => self.listeners.queued(slot.index).unwrap_or(0),
+                _ => 0,
+            };
+            let (stalled, ping) = slot.queue.sample(len, now, window, limit);
+            if ping && let Some(w) = ready {
+                w.send(SupervisorMessage::Ping);
+            }
+            if stalled {
+                changed = true;
+                tracing::debug!(
+                    service = &*self.service,
+                    worker = slot.index,
+                    queued = len,
+                    stalled = slot.queue.stalled,
+                    "accept queue"
+                );
+            }
+        }
+        changed
+    }
+
     /// The current worker's agent says it started rejecting: steer new
     /// connections away now, not at the next heartbeat (which says how much
     /// it rejects, and ends this).
@@ -1085,12 +1217,7 @@ impl Supervisor {
             .unwrap_or_default();
         let mut states: BTreeMap<&'static str, u64> = BTreeMap::new();
         for w in self.processes() {
-            let state = if w.suspect {
-                "suspect"
-            } else {
-                w.state.as_str()
-            };
-            *states.entry(state).or_default() += 1;
+            *states.entry(state_label(w)).or_default() += 1;
         }
         let workers = self
             .slots
@@ -1104,14 +1231,12 @@ impl Supervisor {
                 rebalanced: s.rebalanced,
                 share: shares.get(s.index).copied().unwrap_or(0.0),
                 pid: s.worker.as_ref().map(|w| w.pid),
-                state: match &s.worker {
-                    Some(w) if w.suspect => "suspect",
-                    Some(w) => w.state.as_str(),
-                    None => "down",
-                },
+                state: s.worker.as_ref().map_or("down", state_label),
                 since: s.worker.as_ref().map(|w| w.started),
                 restarts: s.restarts,
-                rps: s.rps,
+                rps: self.balancer.rps(s.index),
+                queued: s.queue.len,
+                queue_stalls: s.queue.stalls,
             })
             .collect();
         self.metrics.publish(Snapshot {
@@ -1348,5 +1473,70 @@ async fn sleep_until(t: Option<Instant>) {
     match t {
         Some(t) => tokio::time::sleep_until(t.into()).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WINDOW: Duration = Duration::from_millis(100);
+
+    #[test]
+    fn a_worker_that_does_not_answer_within_the_window_stalls() {
+        let t0 = Instant::now();
+        let mut q = QueueWatch::new();
+        // Connections wait: ping once, and not again while it is unanswered.
+        assert_eq!(q.sample(3, t0, WINDOW, 100), (false, true));
+        assert_eq!(
+            q.sample(5, t0 + Duration::from_millis(90), WINDOW, 100),
+            (false, false)
+        );
+        assert_eq!(
+            q.sample(5, t0 + Duration::from_millis(100), WINDOW, 100),
+            (true, false)
+        );
+        assert!(q.stalled);
+        assert_eq!(q.stalls, 1);
+        // It answers: the slot gets connections again.
+        assert!(q.pong(100));
+        assert!(!q.stalled);
+    }
+
+    #[test]
+    fn a_busy_queue_with_a_live_worker_does_not_stall() {
+        let t0 = Instant::now();
+        let mut q = QueueWatch::new();
+        for k in 0..50u32 {
+            let now = t0 + Duration::from_millis(10 * u64::from(k));
+            let (changed, ping) = q.sample(2, now, WINDOW, 100);
+            assert!(!changed && !q.stalled, "sample {k}");
+            if ping {
+                // Answered within a few milliseconds, as a running loop does.
+                q.pong(100);
+            }
+        }
+        assert_eq!(q.stalls, 0);
+    }
+
+    #[test]
+    fn an_empty_queue_never_stalls_and_a_long_one_does_at_once() {
+        let t0 = Instant::now();
+        let mut q = QueueWatch::new();
+        assert_eq!(
+            q.sample(0, t0 + Duration::from_secs(5), WINDOW, 100),
+            (false, false)
+        );
+        assert_eq!(
+            q.sample(100, t0 + Duration::from_secs(5), WINDOW, 100),
+            (true, true)
+        );
+        // Answering is not enough while the queue stays that long.
+        assert!(!q.pong(100));
+        assert!(q.stalled);
+        assert_eq!(
+            q.sample(0, t0 + Duration::from_secs(6), WINDOW, 100),
+            (true, false)
+        );
     }
 }

@@ -160,3 +160,70 @@ fn with_every_worker_overloaded_the_overflow_listener_answers_503() {
         msg_is(l, "workers take new connections again")
     });
 }
+
+#[test]
+fn a_worker_whose_accept_queue_stalls_gets_no_new_connections() {
+    // Health verdicts off: a blocked worker is not replaced or marked
+    // suspect, so only the accept-queue watch can steer around it.
+    let config = hello_config("[health]\nenabled = false\n");
+    let mut ampere = Ampere::start(
+        &fixture("hello"),
+        &["--workers", "2", "--config", &config.path],
+    );
+    ampere.wait_ready(2, READY);
+    let addr = ampere.addr();
+    let (blocked_pid, free_pid) = (pid_of_slot(&ampere, 0), pid_of_slot(&ampere, 1));
+    // Block worker 0's event loop for 6 s. /burn?worker=0 burns only there
+    // and answers at once on worker 1, so send it until one does not answer.
+    let epoch = std::time::Instant::now();
+    let pending_since = Arc::new(AtomicU64::new(0));
+    let blocker = {
+        let pending_since = pending_since.clone();
+        std::thread::spawn(move || {
+            loop {
+                pending_since.store(epoch.elapsed().as_millis() as u64 + 1, Ordering::SeqCst);
+                let r = get(addr, "/burn?ms=6000&worker=0", Duration::from_secs(30))
+                    .expect("a response");
+                pending_since.store(0, Ordering::SeqCst);
+                if r.pid() == blocked_pid {
+                    return;
+                }
+            }
+        })
+    };
+    wait_until(READY, "worker 0 to be blocked", || {
+        let since = pending_since.load(Ordering::SeqCst);
+        since > 0 && epoch.elapsed().as_millis() as u64 > since + 300
+    });
+    // 40 new connections, one every 20 ms, while worker 0 accepts nothing.
+    let clients: Vec<_> = (0..40)
+        .map(|_| {
+            let c = std::thread::spawn(move || get(addr, "/", Duration::from_secs(30)));
+            std::thread::sleep(Duration::from_millis(20));
+            c
+        })
+        .collect();
+    let responses: Vec<Response> = clients
+        .into_iter()
+        .map(|c| c.join().unwrap().expect("a response"))
+        .collect();
+    blocker.join().unwrap();
+    let free = responses
+        .iter()
+        .filter(|r| r.status == 200 && r.pid() == free_pid)
+        .count();
+    // Without the watch the kernel's hash sends about half to worker 0,
+    // where they wait out the block.
+    assert!(
+        free >= 30,
+        "only {free} of 40 new connections went to the worker that accepts; statuses and pids: {:?}",
+        responses
+            .iter()
+            .map(|r| (r.status, r.header("x-worker-pid").unwrap_or("-")))
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        metric(&ampere, "ampere_accept_queue_stalls_total", "worker=\"0\"") >= 1.0,
+        "the stall was counted"
+    );
+}

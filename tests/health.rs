@@ -6,7 +6,6 @@
 mod common;
 
 use std::collections::HashSet;
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,104 +15,35 @@ use common::*;
 const READY: Duration = Duration::from_secs(30);
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Runs `clients` threads of sequential requests to `path` on new
-/// connections until stopped; collects every outcome.
-struct Load {
-    stop: Arc<AtomicBool>,
-    results: Arc<Mutex<Vec<Result<u32, String>>>>,
-    threads: Vec<std::thread::JoinHandle<()>>,
+/// Clients of the tests below: sequential requests with `pause` in
+/// between, a short client timeout.
+fn new_connections(
+    addr: std::net::SocketAddr,
+    path: &'static str,
+    clients: usize,
+    pause: Duration,
+) -> Load {
+    Load::paced(
+        addr,
+        clients,
+        path,
+        false,
+        pause,
+        CLIENT_TIMEOUT,
+        Arc::new(|_: &Response| {}),
+    )
 }
 
-impl Load {
-    /// `clients` threads, each repeating its own `client()` (one request,
-    /// its outcome) with `pause` in between, until stopped.
-    fn run<F>(clients: usize, pause: Duration, client: impl Fn() -> F) -> Load
-    where
-        F: FnMut() -> Result<u32, String> + Send + 'static,
-    {
-        let stop = Arc::new(AtomicBool::new(false));
-        let results = Arc::new(Mutex::new(Vec::new()));
-        let threads = (0..clients)
-            .map(|_| {
-                let (stop, results, mut one) = (stop.clone(), results.clone(), client());
-                std::thread::spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
-                        let r = one();
-                        results.lock().unwrap().push(r);
-                        std::thread::sleep(pause);
-                    }
-                })
-            })
-            .collect();
-        Load {
-            stop,
-            results,
-            threads,
-        }
-    }
-
-    fn new_connections(
-        addr: std::net::SocketAddr,
-        path: &'static str,
-        clients: usize,
-        pause: Duration,
-    ) -> Load {
-        Load::run(clients, pause, || {
-            move || match get(addr, path, CLIENT_TIMEOUT) {
-                Ok(r) if r.status == 200 => Ok(r.pid()),
-                Ok(r) => Err(format!("status {}", r.status)),
-                Err(e) => Err(format!("{e:?}")),
-            }
-        })
-    }
-
-    /// Clients on keep-alive connections that reconnect when told to close.
-    fn keep_alive(addr: std::net::SocketAddr, clients: usize, pause: Duration) -> Load {
-        Load::run(clients, pause, || {
-            let mut conn: Option<TcpStream> = None;
-            move || {
-                let stream = match conn.as_mut() {
-                    Some(s) => s,
-                    None => {
-                        conn.insert(TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?)
-                    }
-                };
-                match request(stream, "/", true, CLIENT_TIMEOUT) {
-                    Ok(r) if r.status == 200 => {
-                        if r.header("connection") == Some("close") {
-                            conn = None;
-                        }
-                        Ok(r.pid())
-                    }
-                    Ok(r) => Err(format!("status {}", r.status)),
-                    Err(e) => {
-                        conn = None;
-                        Err(format!("{e:?}"))
-                    }
-                }
-            }
-        })
-    }
-
-    fn count(&self) -> usize {
-        self.results.lock().unwrap().len()
-    }
-
-    fn answered_by(&self, pid: u32) -> bool {
-        self.results
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|r| r.as_ref().is_ok_and(|p| *p == pid))
-    }
-
-    fn finish(self) -> Vec<Result<u32, String>> {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads {
-            t.join().unwrap();
-        }
-        Arc::try_unwrap(self.results).unwrap().into_inner().unwrap()
-    }
+fn keep_alive_clients(addr: std::net::SocketAddr, clients: usize, pause: Duration) -> Load {
+    Load::paced(
+        addr,
+        clients,
+        "/",
+        true,
+        pause,
+        CLIENT_TIMEOUT,
+        Arc::new(|_: &Response| {}),
+    )
 }
 
 /// Waits for the log line of a replacement whose reason mentions `reason`.
@@ -147,7 +77,7 @@ fn a_blocked_worker_is_routed_around_and_replaced() {
     let mut ampere = Ampere::start(&fixture("hello"), &["--workers", "2"]);
     ampere.wait_ready(2, READY);
     let addr = ampere.addr();
-    let load = Load::new_connections(addr, "/", 4, Duration::from_millis(10));
+    let load = new_connections(addr, "/", 4, Duration::from_millis(10));
     wait_until(READY, "steady load", || load.count() >= 100);
 
     // Probe /ready all along.
@@ -180,7 +110,7 @@ fn a_blocked_worker_is_routed_around_and_replaced() {
     wait_until(READY, "load after the replacement", || {
         load.count() >= after + 100
     });
-    let results = load.finish();
+    let results = load.outcomes();
     probing.store(false, Ordering::Relaxed);
     prober.join().unwrap();
 
@@ -213,7 +143,7 @@ fn a_leaking_worker_is_replaced_before_it_runs_out_of_heap() {
     );
     let first: HashSet<u32> = ampere.wait_ready(2, READY).into_iter().collect();
     // 256 KiB kept per request, ~40 requests a second per client.
-    let load = Load::new_connections(ampere.addr(), "/leak?kb=256", 2, Duration::from_millis(25));
+    let load = new_connections(ampere.addr(), "/leak?kb=256", 2, Duration::from_millis(25));
     let replacing = wait_for_replacement(&ampere, "memory");
     let leaker = pid_of(&replacing);
     assert!(first.contains(&leaker));
@@ -222,7 +152,7 @@ fn a_leaking_worker_is_replaced_before_it_runs_out_of_heap() {
         .wait_for(READY, "the leaking worker to stop", |l| {
             msg_is(l, "replaced worker stopped") && pid_of(l) == leaker
         });
-    let results = load.finish();
+    let results = load.outcomes();
     let lines = ampere.logs.all();
     let oom: Vec<_> = lines
         .iter()
@@ -240,9 +170,9 @@ fn rolling_restart_loses_nothing(keep_alive: bool) {
     let mut ampere = Ampere::start(&fixture("hello"), &["--workers", "2"]);
     let old: HashSet<u32> = ampere.wait_ready(2, READY).into_iter().collect();
     let load = if keep_alive {
-        Load::keep_alive(ampere.addr(), 4, Duration::from_millis(5))
+        keep_alive_clients(ampere.addr(), 4, Duration::from_millis(5))
     } else {
-        Load::new_connections(ampere.addr(), "/", 4, Duration::from_millis(5))
+        new_connections(ampere.addr(), "/", 4, Duration::from_millis(5))
     };
     wait_until(READY, "steady load", || load.count() >= 100);
     ampere.signal(Signal::SIGHUP);
@@ -269,7 +199,7 @@ fn rolling_restart_loses_nothing(keep_alive: bool) {
     wait_until(READY, "more load after the restart", || {
         load.count() >= after + 100
     });
-    let results = load.finish();
+    let results = load.outcomes();
     assert_none_failed(&results);
     for pid in old {
         assert!(!alive(pid), "old worker {pid} still running");
@@ -394,7 +324,7 @@ fn a_saturated_worker_is_replaced_after_a_sustained_window() {
     );
     let first = ampere.wait_ready(1, READY)[0];
     // Each request holds the event loop for 50 ms: utilisation near 1.
-    let load = Load::new_connections(ampere.addr(), "/block?ms=50", 2, Duration::from_millis(1));
+    let load = new_connections(ampere.addr(), "/block?ms=50", 2, Duration::from_millis(1));
     let line = wait_for_replacement(&ampere, "event-loop utilisation");
     assert_eq!(pid_of(&line), first);
     assert!(line["elu"].as_f64().unwrap() > 0.6, "{line}");
@@ -403,6 +333,6 @@ fn a_saturated_worker_is_replaced_after_a_sustained_window() {
     let window: Duration =
         humantime::parse_duration(reason.rsplit(" for ").next().unwrap()).unwrap();
     assert!(window >= Duration::from_secs(2), "{reason}");
-    let results = load.finish();
+    let results = load.outcomes();
     assert_none_failed(&results);
 }

@@ -159,6 +159,17 @@ test('a shed order closes that many keep-alive connections, one per response', a
   }
 });
 
+test('a ping is answered with a pong once the event loop gets to I/O', async () => {
+  const w = await startWorker(APP);
+  try {
+    await w.next('listening');
+    w.send({ type: 'ping' });
+    await w.next('pong');
+  } finally {
+    w.child.kill('SIGKILL');
+  }
+});
+
 async function freePort() {
   const s = net.createServer().listen(0, '127.0.0.1');
   await once(s, 'listening');

@@ -229,7 +229,10 @@ pub struct OverloadConfig {
     pub enabled: bool,
     /// Reject while a worker has this many requests in flight (0: no bound).
     pub max_inflight: u32,
-    /// Reject while the event loop runs this late (0s: no bound).
+    /// Reject while the event loop runs this late (0s: no bound). With
+    /// `[balance] load_aware`, a slot whose accept queue has not moved for
+    /// this long (100 ms when 0s) also gets no new connections until its
+    /// worker takes the waiting ones.
     pub max_delay: Duration,
     /// The `Retry-After` of the 503s.
     pub retry_after: Duration,

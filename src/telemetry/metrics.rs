@@ -43,6 +43,10 @@ pub struct WorkerSample {
     pub restarts: u64,
     /// Requests per second over the last heartbeat interval.
     pub rps: Option<f64>,
+    /// Connections waiting in the slot's accept queue, last sampled.
+    pub queued: u32,
+    /// Times new connections were steered away because the queue stalled.
+    pub queue_stalls: u64,
 }
 
 /// What the supervisor publishes for the metrics endpoint.
@@ -276,9 +280,21 @@ impl Metrics {
             "ampere_open_connections",
             "Connections open on the worker",
         );
+        let queued = family::<Gauge>(
+            &mut registry,
+            "ampere_accept_queue_connections",
+            "Connections waiting in the slot's accept queue (sampled every 10 ms while steering by load)",
+        );
+        let stalls = family::<Counter>(
+            &mut registry,
+            "ampere_accept_queue_stalls",
+            "Times new connections were steered away from a slot whose accept queue did not move for [overload] max_delay",
+        );
         for w in &snap.workers {
             let labels: Labels = vec![("service", service.clone()), ("worker", w.slot.to_string())];
             share.get_or_create(&labels).set(w.share);
+            queued.get_or_create(&labels).set(i64::from(w.queued));
+            stalls.get_or_create(&labels).inc_by(w.queue_stalls);
             rebalanced.get_or_create(&labels).inc_by(w.rebalanced);
             for (reason, n) in [
                 ("inflight", w.rejected.inflight),

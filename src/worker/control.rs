@@ -33,6 +33,8 @@ pub enum AgentMessage {
     Spans {
         spans: Vec<AgentSpan>,
     },
+    /// The answer to a `ping`: the event loop got to I/O.
+    Pong,
     /// Anything newer than this supervisor knows.
     #[serde(other)]
     Unknown,
@@ -136,6 +138,8 @@ pub enum SupervisorMessage {
     /// (`Connection: close`), to move load to a less busy worker. Replaces
     /// any earlier order not yet carried out.
     Shed { connections: u64 },
+    /// Answer `pong` (sent while connections wait in the slot's queue).
+    Ping,
 }
 
 #[cfg(test)]

@@ -487,17 +487,18 @@ pub fn pids_of_requests(addr: SocketAddr, path: &str, n: usize) -> Vec<u32> {
         .collect()
 }
 
-/// Clients sending requests in a loop until stopped.
+/// Clients sending requests in a loop until stopped; every outcome is kept
+/// (the pid that answered 200, or what went wrong).
 pub struct Load {
     stop: Arc<AtomicBool>,
-    failures: Arc<Mutex<Vec<String>>>,
+    outcomes: Arc<Mutex<Vec<Result<u32, String>>>>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Load {
     /// `clients` threads, each sending GET `path`, on a new connection per
     /// request, or on keep-alive connections (reconnecting when a response
-    /// says `Connection: close`). `on_response` sees every response.
+    /// says `Connection: close`). `on_response` sees every 200.
     pub fn start(
         addr: SocketAddr,
         clients: usize,
@@ -505,12 +506,33 @@ impl Load {
         keep_alive: bool,
         on_response: Arc<dyn Fn(&Response) + Send + Sync>,
     ) -> Load {
+        Load::paced(
+            addr,
+            clients,
+            path,
+            keep_alive,
+            Duration::ZERO,
+            Duration::from_secs(10),
+            on_response,
+        )
+    }
+
+    /// Like `start`, with `pause` after each request and a client timeout.
+    pub fn paced(
+        addr: SocketAddr,
+        clients: usize,
+        path: &'static str,
+        keep_alive: bool,
+        pause: Duration,
+        timeout: Duration,
+        on_response: Arc<dyn Fn(&Response) + Send + Sync>,
+    ) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
-        let failures = Arc::new(Mutex::new(Vec::new()));
+        let outcomes = Arc::new(Mutex::new(Vec::new()));
         let threads = (0..clients)
             .map(|_| {
-                let (stop, failures, on_response) =
-                    (stop.clone(), failures.clone(), on_response.clone());
+                let (stop, outcomes, on_response) =
+                    (stop.clone(), outcomes.clone(), on_response.clone());
                 std::thread::spawn(move || {
                     let mut conn: Option<TcpStream> = None;
                     while !stop.load(Ordering::Relaxed) {
@@ -520,12 +542,12 @@ impl Load {
                                 None => match TcpStream::connect(addr) {
                                     Ok(s) => conn.insert(s),
                                     Err(e) => {
-                                        failures.lock().unwrap().push(e.to_string());
+                                        outcomes.lock().unwrap().push(Err(format!("connect: {e}")));
                                         continue;
                                     }
                                 },
                             };
-                            let r = request(stream, path, true, Duration::from_secs(10));
+                            let r = request(stream, path, true, timeout);
                             if r.as_ref()
                                 .is_ok_and(|r| r.header("connection") == Some("close"))
                             {
@@ -533,18 +555,22 @@ impl Load {
                             }
                             r
                         } else {
-                            get(addr, path, Duration::from_secs(10))
+                            get(addr, path, timeout)
                         };
-                        match result {
-                            Ok(r) if r.status == 200 => on_response(&r),
-                            Ok(r) => failures
-                                .lock()
-                                .unwrap()
-                                .push(format!("status {}", r.status)),
+                        let outcome = match result {
+                            Ok(r) if r.status == 200 => {
+                                on_response(&r);
+                                Ok(r.pid())
+                            }
+                            Ok(r) => Err(format!("status {}", r.status)),
                             Err(e) => {
                                 conn = None;
-                                failures.lock().unwrap().push(format!("{e:?}"));
+                                Err(format!("{e:?}"))
                             }
+                        };
+                        outcomes.lock().unwrap().push(outcome);
+                        if !pause.is_zero() {
+                            std::thread::sleep(pause);
                         }
                     }
                 })
@@ -552,17 +578,42 @@ impl Load {
             .collect();
         Load {
             stop,
-            failures,
+            outcomes,
             threads,
         }
     }
 
+    /// Requests done so far.
+    pub fn count(&self) -> usize {
+        self.outcomes.lock().unwrap().len()
+    }
+
+    /// Whether the process `pid` answered a request with 200.
+    pub fn answered_by(&self, pid: u32) -> bool {
+        self.outcomes
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|r| r.as_ref().is_ok_and(|p| *p == pid))
+    }
+
     /// Stops the clients; returns the failed requests.
     pub fn finish(self) -> Vec<String> {
+        self.outcomes()
+            .into_iter()
+            .filter_map(Result::err)
+            .collect()
+    }
+
+    /// Stops the clients; returns every outcome.
+    pub fn outcomes(self) -> Vec<Result<u32, String>> {
         self.stop.store(true, Ordering::Relaxed);
         for t in self.threads {
             t.join().unwrap();
         }
-        self.failures.lock().unwrap().clone()
+        Arc::try_unwrap(self.outcomes)
+            .unwrap()
+            .into_inner()
+            .unwrap()
     }
 }
