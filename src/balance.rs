@@ -249,6 +249,12 @@ impl Balancer {
         }
     }
 
+    /// The requests per second the current worker serves at full
+    /// utilisation, as measured so far.
+    pub fn capacity(&self, slot: usize) -> Option<f64> {
+        self.slots.get(slot).and_then(|s| s.capacity)
+    }
+
     /// The current worker's requests per second (served and rejected) over
     /// its last heartbeat's interval.
     pub fn rps(&self, slot: usize) -> Option<f64> {

@@ -61,9 +61,15 @@ fn state_label(w: &Worker) -> &'static str {
     }
 }
 
-/// How many connections may wait in a slot's queue: half the backlog.
-fn queue_limit(backlog: u32) -> u32 {
-    (backlog / 2).max(8)
+/// How many connections may wait in a slot's queue: as many as its worker
+/// serves in `window` (each brings at least one request), once its
+/// capacity is known; never more than half the backlog.
+fn queue_limit(backlog: u32, capacity: Option<f64>, window: Duration) -> u32 {
+    let half = (backlog / 2).max(8);
+    match capacity {
+        Some(c) if c > 0.0 => ((c * window.as_secs_f64()) as u32).clamp(8, half),
+        _ => half,
+    }
 }
 
 /// How often the accept queues are sampled (one getsockopt per slot).
@@ -114,8 +120,9 @@ struct Slot {
 /// after a second.
 #[derive(Debug, Clone, Copy)]
 struct QueueWatch {
-    /// Connections waiting at the last sample.
+    /// Connections waiting at the last sample, and how many may.
     len: u32,
+    limit: u32,
     /// The ping the worker has not answered yet, sent then.
     ping_at: Option<Instant>,
     /// Steered away: connections wait and the worker has not answered for
@@ -129,6 +136,7 @@ impl QueueWatch {
     fn new() -> Self {
         QueueWatch {
             len: 0,
+            limit: u32::MAX,
             ping_at: None,
             stalled: false,
             stalls: 0,
@@ -140,6 +148,7 @@ impl QueueWatch {
     /// to answer; `limit`: how long the queue may grow.
     fn sample(&mut self, len: u32, now: Instant, window: Duration, limit: u32) -> (bool, bool) {
         self.len = len;
+        self.limit = limit;
         if len == 0 {
             // It took every connection: its loop runs.
             self.ping_at = None;
@@ -155,9 +164,9 @@ impl QueueWatch {
     }
 
     /// The worker answered a ping; whether `stalled` changed.
-    fn pong(&mut self, limit: u32) -> bool {
+    fn pong(&mut self) -> bool {
         self.ping_at = None;
-        self.set(self.len >= limit)
+        self.set(self.len >= self.limit)
     }
 
     fn set(&mut self, stalled: bool) -> bool {
@@ -554,8 +563,7 @@ impl Supervisor {
             }
             Event::Message(AgentMessage::Pong) => {
                 if retiring.is_none() {
-                    slot.queue
-                        .pong(queue_limit(self.settings.config.server.backlog));
+                    slot.queue.pong();
                 }
                 Action::None
             }
@@ -912,9 +920,10 @@ impl Supervisor {
         let window = Some(self.settings.config.overload.max_delay.get())
             .filter(|d| !d.is_zero())
             .unwrap_or(Duration::from_millis(100));
-        let limit = queue_limit(self.settings.config.server.backlog);
+        let backlog = self.settings.config.server.backlog;
         let mut changed = false;
         for slot in self.slots.iter_mut() {
+            let limit = queue_limit(backlog, self.balancer.capacity(slot.index), window);
             // Watched while the current worker serves: its agent answers.
             let ready = slot
                 .worker
@@ -1499,7 +1508,7 @@ mod tests {
         assert!(q.stalled);
         assert_eq!(q.stalls, 1);
         // It answers: the slot gets connections again.
-        assert!(q.pong(100));
+        assert!(q.pong());
         assert!(!q.stalled);
     }
 
@@ -1513,7 +1522,7 @@ mod tests {
             assert!(!changed && !q.stalled, "sample {k}");
             if ping {
                 // Answered within a few milliseconds, as a running loop does.
-                q.pong(100);
+                q.pong();
             }
         }
         assert_eq!(q.stalls, 0);
@@ -1532,7 +1541,7 @@ mod tests {
             (true, true)
         );
         // Answering is not enough while the queue stays that long.
-        assert!(!q.pong(100));
+        assert!(!q.pong());
         assert!(q.stalled);
         assert_eq!(
             q.sample(0, t0 + Duration::from_secs(6), WINDOW, 100),
