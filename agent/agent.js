@@ -164,9 +164,15 @@ function start() {
         }
         const now = performance.now();
         if (MAX_DELAY_MS !== 0 && (lag > MAX_DELAY_MS || now - lastTick > LATE_MS)) {
-          reject(res, 'delay');
-          return;
+          if (warm) {
+            reject(res, 'delay');
+            return;
+          }
+          // Start-up lateness: forget it once the first request is in.
+          lag = 0;
+          lastTick = now;
         }
+        warm = true;
         inflight++;
         if (shedLeft !== 0 && res.shouldKeepAlive) shedOne(res);
         if (TIME_REQUESTS) res[kStart] = now;
@@ -198,6 +204,10 @@ function start() {
   // time since it last did says how late the loop is running now.
   let lag = 0;
   let lastTick = performance.now();
+  // Until the first request is let in, lateness is the app's own start-up
+  // (frameworks such as Next.js keep initialising after they listen): the
+  // first request waited for it, but shedding it would help nobody.
+  let warm = false;
   const LATE_MS = LAG_TICK_MS + MAX_DELAY_MS;
   if (MAX_DELAY_MS !== 0) {
     setInterval(() => {

@@ -27,15 +27,16 @@ test('portOf reads every form of listen()', () => {
 });
 
 // Starts `script` (JS source) in a child that preloads the agent, with a
-// listening socket on a free port as fd 3 and a control channel as fd 4.
-async function startWorker(script) {
+// listening socket on a free port as fd 3 and a control channel as fd 4,
+// and `extraEnv` on top of the agent's settings.
+async function startWorker(script, extraEnv = {}) {
   const listener = net.createServer();
   listener.listen(0, '127.0.0.1');
   await once(listener, 'listening');
   const port = listener.address().port;
   const child = spawn(process.execPath, ['--require', AGENT, '-e', script], {
     stdio: ['ignore', 'inherit', 'inherit', listener._handle.fd, 'pipe'],
-    env: { ...process.env, AMPERE_LISTEN_FD: '3', AMPERE_CONTROL_FD: '4', AMPERE_PORT: String(port), PORT: String(port), AMPERE_HEARTBEAT_MS: '50' },
+    env: { ...process.env, AMPERE_LISTEN_FD: '3', AMPERE_CONTROL_FD: '4', AMPERE_PORT: String(port), PORT: String(port), AMPERE_HEARTBEAT_MS: '50', ...extraEnv },
   });
   // The child holds the socket now; the test process must not accept on it.
   listener.close();
@@ -155,6 +156,31 @@ test('a shed order closes that many keep-alive connections, one per response', a
     assert.strictEqual(shed, 1);
   } finally {
     agent.destroy();
+    w.child.kill('SIGKILL');
+  }
+});
+
+test('lateness from the app\'s start-up does not reject the first request; later lateness does', async () => {
+  // The app blocks its event loop for 300 ms right after it listens, as
+  // frameworks that finish initialising after listen() do.
+  const w = await startWorker(`
+    const http = require('node:http');
+    http.createServer((req, res) => {
+      if (req.url === '/block') { const t = Date.now(); while (Date.now() - t < 300); }
+      res.end('ok');
+    }).listen(process.env.PORT, () => { const t = Date.now(); while (Date.now() - t < 300); });
+  `, { AMPERE_MAX_DELAY_MS: '100' });
+  try {
+    await w.next('listening');
+    const first = get(w.port);
+    assert.strictEqual((await first).status, 200);
+    // Once warm, a request that waited behind a blocked loop is shed.
+    const block = get(w.port, '/block');
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    const late = get(w.port);
+    assert.strictEqual((await block).status, 200);
+    assert.strictEqual((await late).status, 503);
+  } finally {
     w.child.kill('SIGKILL');
   }
 });
