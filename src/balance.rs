@@ -122,6 +122,17 @@ pub struct Beat {
     pub conns: u64,
 }
 
+impl Beat {
+    /// The seconds this heartbeat covers: the interval the agent measured
+    /// on, or else the time since the previous heartbeat (`at`).
+    fn seconds(&self, at: Instant, now: Instant) -> f64 {
+        self.interval
+            .filter(|d| !d.is_zero())
+            .unwrap_or_else(|| now.duration_since(at))
+            .as_secs_f64()
+    }
+}
+
 pub struct Balancer {
     cfg: BalanceConfig,
     overflow: bool,
@@ -175,11 +186,7 @@ impl Balancer {
         s.beats += 1;
         s.conns = beat.conns;
         if let Some((at, before)) = s.last {
-            let dt = beat
-                .interval
-                .filter(|d| !d.is_zero())
-                .unwrap_or_else(|| now.duration_since(at))
-                .as_secs_f64();
+            let dt = beat.seconds(at, now);
             if dt > 0.0 {
                 s.rps = Some(beat.requests.saturating_sub(before) as f64 / dt);
             }
@@ -203,11 +210,7 @@ impl Balancer {
         }
         s.elu = Some(ewma(s.elu, beat.elu, ELU_ALPHA));
         if let Some((at, before)) = s.last {
-            let dt = beat
-                .interval
-                .filter(|d| !d.is_zero())
-                .unwrap_or_else(|| now.duration_since(at))
-                .as_secs_f64();
+            let dt = beat.seconds(at, now);
             // Rejected requests cost next to nothing: they say nothing of
             // what a served request costs.
             let done = beat

@@ -1513,6 +1513,14 @@ mod tests {
     }
 
     #[test]
+    fn a_queue_may_hold_what_its_worker_serves_in_the_window() {
+        assert_eq!(queue_limit(511, Some(500.0), WINDOW), 50);
+        assert_eq!(queue_limit(511, None, WINDOW), 255);
+        assert_eq!(queue_limit(511, Some(20.0), WINDOW), 8);
+        assert_eq!(queue_limit(511, Some(1e6), WINDOW), 255);
+    }
+
+    #[test]
     fn a_busy_queue_with_a_live_worker_does_not_stall() {
         let t0 = Instant::now();
         let mut q = QueueWatch::new();
