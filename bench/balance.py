@@ -30,7 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from overhead import (HOST, ROOT, cpu_seconds, ensure_node, ensure_oha,  # noqa: E402
-                      free_port, machine_meta, sh, start_ampere, start_bare)
+                      ensure_ampere, free_port, machine_meta, start_ampere, start_bare)
+from report import write_results  # noqa: E402
 from stats import cell, spread  # noqa: E402
 
 APP = ROOT / "bench" / "apps" / "cpu"
@@ -105,10 +106,7 @@ def main():
 
     node = ensure_node()
     oha = ensure_oha()
-    ampere = args.ampere
-    if ampere is None:
-        sh(["cargo", "build", "--release", "--quiet"], cwd=ROOT)
-        ampere = ROOT / "target" / "release" / "ampere"
+    ampere = ensure_ampere(args.ampere)
 
     port = free_port()
     setup, _ = start_bare(node, port, 2, app=APP)
@@ -169,14 +167,7 @@ def main():
     if "ratio" in summary:
         r = summary["ratio"]
         lines.append(f"| **ampere / bare** | | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    (args.out / f"balance-{stamp}.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": runs},
-                                                               indent=2))
-    (args.out / f"balance-{stamp}.md").write_text(table)
-    print(f"wrote {args.out}/balance-{stamp}.{{json,md}}", file=sys.stderr)
+    write_results(args.out, "balance", {"meta": meta, "summary": summary, "runs": runs}, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

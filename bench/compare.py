@@ -33,7 +33,6 @@ cgroups and iptables rules, also when interrupted.
 import argparse
 import csv
 import io
-import json
 import os
 import signal
 import subprocess
@@ -47,7 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "lib"))
 import overload  # noqa: E402
 import sandbox  # noqa: E402
 from overhead import (HOST, ROOT, cpu_seconds, ensure_node, ensure_oha, free_port,  # noqa: E402
-                      listen_drops, machine_meta, rss_bytes, sh)
+                      ensure_ampere, listen_drops, machine_meta, rss_bytes)
+from report import write_results  # noqa: E402
 
 # The load generator: its path, and a CPU pinning prefix in pin mode.
 OHA = [None]
@@ -402,10 +402,7 @@ def main():
         ensure_peers(peers)
     if args.app == "next":
         overload.prepare_next(node)
-    ampere = args.ampere
-    if ampere is None:
-        sh(["cargo", "build", "--release", "--quiet"], cwd=ROOT)
-        ampere = ROOT / "target" / "release" / "ampere"
+    ampere = ensure_ampere(args.ampere)
 
     runs, closed, skipped = [], [], 0
     modes = [m for m in args.closed.split(",") if m]
@@ -530,21 +527,15 @@ def main():
                 ratio = f"{a['median'] / c['rps']['median']:.3f}" if a and c["rps"] and c["rps"]["median"] else "-"
                 lines.append(f"| {cmode} | {setup} | {med(c['rps'], 0)} | {med(c['p50_ms'], 2)} | "
                              f"{med(c['p99_ms'], 2)} | {med(c['cpu_us_per_req'], 0)} | {ratio} |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    base = args.out / f"compare-{args.app}-{args.layout}-{stamp}" if args.layout != "small" else \
-        args.out / f"compare-{args.app}-{stamp}"
-    base.with_suffix(".json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": runs,
-                                                     "closed": closed}, indent=2))
-    base.with_suffix(".md").write_text(table)
+    name = f"compare-{args.app}" + (f"-{args.layout}" if args.layout != "small" else "")
+    base = write_results(args.out, name, {"meta": meta, "summary": summary, "runs": runs, "closed": closed},
+                         "\n".join(lines) + "\n")
     for key, label, log in [("p50_ms", "p50 latency of 200s (ms, log)", True),
                             ("p99_ms", "p99 latency of 200s (ms, log)", True),
                             ("goodput", "goodput (200s/s)", False)]:
         series = {s: [(r, (summary[f"{s}/{r}"][key] or {}).get("median")) for r in rates] for s in setups}
         svg_plot(Path(f"{base}-{key.replace('_ms', '')}.svg"), f"{args.app}: {label}", label, series, log=log)
-    print(f"wrote {base}.{{json,md}} and {base}-*.svg", file=sys.stderr)
+    print(f"wrote {base}-*.svg", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -40,9 +39,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent / "lib"))
 from overhead import (HOST, ROOT, TOOLS, children, ensure_node, ensure_oha,  # noqa: E402
-                      free_port, sh, wait_http)
+                      ensure_ampere, free_port, wait_http)
 import peers  # noqa: E402
-from peers import Running, ensure_peers, node_bin, stop_group  # noqa: E402,F401
+from peers import Running, ensure_peers, node_bin, stop_group, terminate  # noqa: E402,F401
 
 APP = ROOT / "bench" / "apps" / "faulty"
 HEAP_MIB = 256
@@ -59,12 +58,7 @@ def start_ampere(work, node, port, ampere):
                              "--workers", "2"], stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
     def stop():
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc)
 
     return Running("ampere", proc, log, stop, lambda: children(proc.pid))
 
@@ -223,10 +217,7 @@ def main():
     node = ensure_node()
     oha = ensure_oha()
     ensure_peers()
-    ampere = args.ampere
-    if ampere is None:
-        sh(["cargo", "build", "--release", "--quiet"], cwd=ROOT)
-        ampere = ROOT / "target" / "release" / "ampere"
+    ampere = ensure_ampere(args.ampere)
 
     runs = []
     for scenario in args.scenarios.split(","):

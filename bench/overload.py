@@ -33,19 +33,18 @@ import csv
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from overhead import (HOST, ROOT, TOOLS, children, ensure_node, ensure_oha,  # noqa: E402
-                      free_port, listen_drops, machine_meta, sh, wait_http)
+                      ensure_ampere, free_port, listen_drops, machine_meta, sh, wait_http)
 sys.path.insert(0, str(Path(__file__).resolve().parent / "lib"))
 import peers  # noqa: E402
-from peers import Running, ensure_peers, node_bin, stop_group  # noqa: E402
+from peers import Running, ensure_peers, node_bin, stop_group, terminate  # noqa: E402
+from report import write_results  # noqa: E402
 from stats import cell, percentile, spread  # noqa: E402
 
 APPS = {
@@ -99,12 +98,7 @@ def start_ampere(work, node, port, ampere, app_name, off, host=HOST):
                             env={**os.environ, "NEXT_TELEMETRY_DISABLED": "1"})
 
     def stop():
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc)
 
     return Running("ampere-off" if off else "ampere", proc, log, stop, lambda: [proc.pid] + children(proc.pid))
 
@@ -246,10 +240,7 @@ def main():
         ensure_peers()
     if "next" in apps:
         prepare_next(node)
-    ampere = args.ampere
-    if ampere is None:
-        sh(["cargo", "build", "--release", "--quiet"], cwd=ROOT)
-        ampere = ROOT / "target" / "release" / "ampere"
+    ampere = ensure_ampere(args.ampere)
 
     runs, capacities = [], {}
     for app_name in apps:
@@ -326,14 +317,7 @@ def main():
                 lines.append(f"| {app_name} | {factor}x | {setup} | {med(good, 0)} | {pct} | {med(s['p50_ms'], 1)} | "
                              f"{med(s['p99_ms'], 1)} | {med(s['rejected_share'], 1, 100)} | "
                              f"{med(s['rejected_p99_ms'], 1)} | {med(s['error_share'], 1, 100)} | {med(s['syn_drops'], 0)} |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    (args.out / f"overload-{stamp}.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": runs},
-                                                                indent=2))
-    (args.out / f"overload-{stamp}.md").write_text(table)
-    print(f"wrote {args.out}/overload-{stamp}.{{json,md}}", file=sys.stderr)
+    write_results(args.out, "overload", {"meta": meta, "summary": summary, "runs": runs}, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -59,6 +59,16 @@ def stop_group(proc):
         proc.wait()
 
 
+def terminate(proc, timeout=20):
+    """SIGTERM to `proc`, SIGKILL if it is not gone after `timeout` s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def node_bin(node):
     return str(Path(node).parent)
 
