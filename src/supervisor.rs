@@ -125,6 +125,9 @@ struct QueueWatch {
     limit: u32,
     /// The ping the worker has not answered yet, sent then.
     ping_at: Option<Instant>,
+    /// When the worker last answered one: within half the window, its loop
+    /// counts as running without asking again.
+    pong_at: Option<Instant>,
     /// Steered away: connections wait and the worker has not answered for
     /// `max_delay`, or the queue is half full.
     stalled: bool,
@@ -138,6 +141,7 @@ impl QueueWatch {
             len: 0,
             limit: u32::MAX,
             ping_at: None,
+            pong_at: None,
             stalled: false,
             stalls: 0,
         }
@@ -153,7 +157,11 @@ impl QueueWatch {
             // It took every connection: its loop runs.
             self.ping_at = None;
         }
-        let ping = len > 0 && self.ping_at.is_none();
+        let ping = len > 0
+            && self.ping_at.is_none()
+            && self
+                .pong_at
+                .is_none_or(|t| now.duration_since(t) >= window / 2);
         if ping {
             self.ping_at = Some(now);
         }
@@ -164,8 +172,9 @@ impl QueueWatch {
     }
 
     /// The worker answered a ping; whether `stalled` changed.
-    fn pong(&mut self) -> bool {
+    fn pong(&mut self, now: Instant) -> bool {
         self.ping_at = None;
+        self.pong_at = Some(now);
         self.set(self.len >= self.limit)
     }
 
@@ -360,7 +369,7 @@ impl Supervisor {
             let watch = self.watches_queues();
             let mut changed = true;
             tokio::select! {
-                Some(ev) = self.events.recv() => self.on_event(ev),
+                Some(ev) = self.events.recv() => changed = self.on_event(ev),
                 _ = term.recv() => break Signal::SIGTERM,
                 _ = int.recv() => break Signal::SIGINT,
                 _ = hup.recv() => self.start_rolling_restart("SIGHUP"),
@@ -422,16 +431,23 @@ impl Supervisor {
         }
     }
 
-    fn on_event(&mut self, ev: WorkerEvent) {
+    /// Handles a worker's event; whether the supervisor's state may have
+    /// changed (the steering weights, readiness and metrics need a look).
+    fn on_event(&mut self, ev: WorkerEvent) -> bool {
         let now = Instant::now();
         let index = ev.slot;
         let Some(slot) = self.slots.get_mut(index) else {
-            return;
+            return false;
         };
         let is_current = slot.worker.as_ref().is_some_and(|w| w.id == ev.id);
         let retiring = slot.retiring.iter().position(|r| r.worker.id == ev.id);
         if !is_current && retiring.is_none() {
-            return;
+            return false;
+        }
+        // A pong only matters when it ends a stall: pongs come up to a
+        // hundred times a second while connections arrive.
+        if let Event::Message(AgentMessage::Pong) = ev.event {
+            return is_current && slot.queue.pong(now);
         }
         if let Event::Exited(status) = ev.event {
             if is_current {
@@ -450,7 +466,7 @@ impl Supervisor {
                     "replaced worker stopped"
                 );
             }
-            return;
+            return true;
         }
         let health = &self.settings.config.health;
         let w = match retiring {
@@ -561,12 +577,7 @@ impl Supervisor {
                 }
                 Action::None
             }
-            Event::Message(AgentMessage::Pong) => {
-                if retiring.is_none() {
-                    slot.queue.pong();
-                }
-                Action::None
-            }
+            Event::Message(AgentMessage::Pong) => Action::None,
             Event::Message(AgentMessage::Unknown) => Action::None,
         };
         if let Some((r, inflight, delay_p99_ms)) = rejected {
@@ -597,6 +608,7 @@ impl Supervisor {
             Action::SlotReady => self.retire_old(index),
             Action::Drain => self.retire_old(index),
         }
+        true
     }
 
     fn on_exit(&mut self, index: usize, w: Worker, status: std::process::ExitStatus) {
@@ -1366,7 +1378,9 @@ impl Supervisor {
                 break;
             }
             tokio::select! {
-                Some(ev) = self.events.recv() => self.on_event(ev),
+                Some(ev) = self.events.recv() => {
+                    self.on_event(ev);
+                }
                 _ = tokio::time::sleep(Duration::from_millis(2)) => {}
                 _ = term.recv() => return self.stop_now(Signal::SIGTERM).await,
                 _ = int.recv() => return self.stop_now(Signal::SIGINT).await,
@@ -1392,7 +1406,9 @@ impl Supervisor {
         }
         while self.processes().next().is_some() {
             tokio::select! {
-                Some(ev) = self.events.recv() => self.on_event(ev),
+                Some(ev) = self.events.recv() => {
+                    self.on_event(ev);
+                }
                 _ = tokio::time::sleep_until(deadline.into()) => break,
                 _ = term.recv() => return self.stop_now(Signal::SIGTERM).await,
                 _ = int.recv() => return self.stop_now(Signal::SIGINT).await,
@@ -1421,7 +1437,9 @@ impl Supervisor {
         let limit = Instant::now() + Duration::from_secs(5);
         while self.processes().next().is_some() {
             tokio::select! {
-                Some(ev) = self.events.recv() => self.on_event(ev),
+                Some(ev) = self.events.recv() => {
+                    self.on_event(ev);
+                }
                 _ = tokio::time::sleep_until(limit.into()) => break,
             }
         }
@@ -1508,7 +1526,7 @@ mod tests {
         assert!(q.stalled);
         assert_eq!(q.stalls, 1);
         // It answers: the slot gets connections again.
-        assert!(q.pong());
+        assert!(q.pong(t0 + Duration::from_millis(110)));
         assert!(!q.stalled);
     }
 
@@ -1524,16 +1542,21 @@ mod tests {
     fn a_busy_queue_with_a_live_worker_does_not_stall() {
         let t0 = Instant::now();
         let mut q = QueueWatch::new();
+        let mut pings = 0;
         for k in 0..50u32 {
             let now = t0 + Duration::from_millis(10 * u64::from(k));
             let (changed, ping) = q.sample(2, now, WINDOW, 100);
             assert!(!changed && !q.stalled, "sample {k}");
             if ping {
+                pings += 1;
                 // Answered within a few milliseconds, as a running loop does.
-                q.pong();
+                q.pong(now + Duration::from_millis(2));
             }
         }
         assert_eq!(q.stalls, 0);
+        // Not every sample: an answer within half the window (50 ms) is
+        // enough, so a ping goes out every 60 ms of the 500.
+        assert_eq!(pings, 9);
     }
 
     #[test]
@@ -1549,7 +1572,7 @@ mod tests {
             (true, true)
         );
         // Answering is not enough while the queue stays that long.
-        assert!(!q.pong());
+        assert!(!q.pong(t0 + Duration::from_secs(5)));
         assert!(q.stalled);
         assert_eq!(
             q.sample(0, t0 + Duration::from_secs(6), WINDOW, 100),
