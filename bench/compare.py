@@ -220,7 +220,7 @@ def per_process_cpu(pids):
     return {p: cpu_seconds([p]) for p in pids}
 
 
-def cpus_for_load(args):
+def setup_cpus(args):
     """The CPUs a setup is pinned to (pin mode): the first `budget` of this
     machine's; oha runs on the rest (LOAD_PIN)."""
     return sorted(os.sched_getaffinity(0))[:int(args.budget)]
@@ -228,9 +228,8 @@ def cpus_for_load(args):
 
 def one_run(setup, app_name, rate, args, node, ampere):
     with tempfile.TemporaryDirectory(prefix="ampere-compare-") as tmp:
-        d = start(setup, Path(tmp), node, ampere, app_name, args, cpus_for_load(args))
+        d = start(setup, Path(tmp), node, ampere, app_name, args, setup_cpus(args))
         try:
-            pids = d.pids()
             time.sleep(1)  # settle: the idle footprint, not the start-up peak
             rss_idle = rss_bytes(d.pids()) / 2**20
             sup_idle = rss_bytes(d.supervisors) / 2**20 if d.supervisors else None
@@ -264,7 +263,7 @@ def closed_loop(setup, mode, args, node, ampere):
     connection per request (where a primary that hands over every
     connection pays)."""
     with tempfile.TemporaryDirectory(prefix="ampere-compare-") as tmp:
-        d = start(setup, Path(tmp), node, ampere, args.app, args, cpus_for_load(args))
+        d = start(setup, Path(tmp), node, ampere, args.app, args, setup_cpus(args))
         try:
             keepalive = mode == "keep-alive"
             drive(d.targets, 3, connections=50, keepalive=keepalive)  # warm-up
@@ -282,7 +281,7 @@ def closed_loop(setup, mode, args, node, ampere):
 def capacity(args, node, ampere):
     """Closed-loop keep-alive throughput of `bare` under the budget."""
     with tempfile.TemporaryDirectory(prefix="ampere-compare-") as tmp:
-        d = start("bare", Path(tmp), node, ampere, args.app, args, cpus_for_load(args))
+        d = start("bare", Path(tmp), node, ampere, args.app, args, setup_cpus(args))
         try:
             drive(d.targets, 3, connections=50)
             rows = drive(d.targets, 5, connections=50)

@@ -945,11 +945,11 @@ impl Supervisor {
                 Some(_) if slot.active => self.listeners.queued(slot.index).unwrap_or(0),
                 _ => 0,
             };
-            let (stalled, ping) = slot.queue.sample(len, now, window, limit);
+            let (flipped, ping) = slot.queue.sample(len, now, window, limit);
             if ping && let Some(w) = ready {
                 w.send(SupervisorMessage::Ping);
             }
-            if stalled {
+            if flipped {
                 changed = true;
                 tracing::debug!(
                     service = &*self.service,

@@ -24,6 +24,7 @@ prefix). Needs root.
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 CGROUP_V1 = Path("/sys/fs/cgroup/cpu")
@@ -175,7 +176,6 @@ class Group:
                 except FileNotFoundError:
                     break
                 except OSError:
-                    import time
                     time.sleep(0.02)
         if self in _created["groups"]:
             _created["groups"].remove(self)
