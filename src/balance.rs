@@ -27,8 +27,14 @@ pub enum Availability {
     /// A ready worker that is not rejecting requests.
     Accepting,
     /// A ready worker whose agent just said it started rejecting (the next
-    /// heartbeat says how much, and ends this).
+    /// heartbeat says how much, and ends this), or whose accept queue
+    /// stalls while it rejects requests.
     Overloaded,
+    /// A ready worker whose accept queue stalls (connections would wait
+    /// long for it) while it rejects nothing: its share goes to calm
+    /// slots, but never to the overflow listener. A moment's stall (a
+    /// collection, the CPU's other tenants) is not a reason for a 503.
+    Stalled,
     /// Starting, blocked, draining, or no process at all.
     Unavailable,
     /// Scaled away by a reload: its socket stays, nobody serves it.
@@ -68,6 +74,10 @@ const HYSTERESIS: u32 = 300;
 /// Below this event-loop utilisation a sample says little about capacity,
 /// and a service is too idle to rebalance.
 const MIN_ELU: f64 = 0.05;
+/// Event-loop utilisation at which a worker counts as saturated: under
+/// overload it gets no new connections (its keep-alive clients keep it busy;
+/// a new connection would only queue behind them).
+const SATURATED_ELU: f64 = 0.95;
 /// No slot's share falls below this fraction of an equal share, so that its
 /// capacity keeps being measured.
 const MIN_SHARE: f64 = 0.1;
@@ -94,6 +104,8 @@ const SHED_COOLDOWN: Duration = Duration::from_secs(2);
 struct SlotLoad {
     /// Smoothed event-loop utilisation.
     elu: Option<f64>,
+    /// The utilisation the last heartbeat reported.
+    elu_last: Option<f64>,
     /// Smoothed requests per second per unit of utilisation.
     capacity: Option<f64>,
     /// The previous heartbeat: when, and the request counter then.
@@ -185,6 +197,7 @@ impl Balancer {
         };
         s.beats += 1;
         s.conns = beat.conns;
+        s.elu_last = Some(beat.elu);
         if let Some((at, before)) = s.last {
             let dt = beat.seconds(at, now);
             if dt > 0.0 {
@@ -258,6 +271,15 @@ impl Balancer {
         self.slots.get(slot).and_then(|s| s.capacity)
     }
 
+    /// Whether the current worker's event loop had no idle time over its
+    /// last heartbeat's interval: it has all the work it can do.
+    pub fn saturated(&self, slot: usize) -> bool {
+        self.slots
+            .get(slot)
+            .and_then(|s| s.elu_last)
+            .is_some_and(|elu| elu >= SATURATED_ELU)
+    }
+
     /// The current worker's requests per second (served and rejected) over
     /// its last heartbeat's interval.
     pub fn rps(&self, slot: usize) -> Option<f64> {
@@ -274,7 +296,11 @@ impl Balancer {
     /// connections get their 503 from Rust, and the ramp back after an
     /// overload follows the measured rejections instead of flooding a
     /// worker that just recovered.
-    pub fn weights(&self, avail: &[Availability]) -> Weights {
+    ///
+    /// `limits`, per slot: the most of the new connections it may get (a busy
+    /// event loop accepts one connection per turn). What a cap cuts goes to
+    /// the uncapped slots, or else to the overflow listener.
+    pub fn weights(&self, avail: &[Availability], limits: &[Option<f64>]) -> Weights {
         let n = avail.len();
         let ready: Vec<usize> = (0..n)
             .filter(|i| {
@@ -317,15 +343,16 @@ impl Balancer {
         let sum: f64 = shares.iter().sum();
         let shares: Vec<f64> = shares.iter().map(|s| s / sum).collect();
 
+        let smoothed = |i: usize| self.slots.get(i).map_or(0.0, |s| s.rejecting);
+        let calm_elsewhere = ready
+            .iter()
+            .any(|i| avail[*i] == Availability::Accepting && smoothed(*i) < CALM);
         let rejecting: Vec<f64> = ready
             .iter()
-            .map(|i| {
-                let r = self.slots.get(*i).map_or(0.0, |s| s.rejecting);
-                if avail[*i] == Availability::Overloaded {
-                    1.0
-                } else {
-                    r
-                }
+            .map(|i| match avail[*i] {
+                Availability::Overloaded => 1.0,
+                Availability::Stalled if calm_elsewhere => 1.0,
+                _ => smoothed(*i),
             })
             .collect();
         let mut kept: Vec<f64> = shares
@@ -349,6 +376,29 @@ impl Balancer {
             let scale = (1.0 - self.overflow_share) / (1.0 - overflow).max(f64::EPSILON);
             kept.iter_mut().for_each(|k| *k *= scale);
             overflow = self.overflow_share;
+        }
+        if self.overflow {
+            let cap = |k: usize| limits.get(ready[k]).copied().flatten();
+            let mut cut = 0.0;
+            for (k, kept) in kept.iter_mut().enumerate() {
+                if let Some(c) = cap(k)
+                    && *kept > c
+                {
+                    cut += *kept - c;
+                    *kept = c;
+                }
+            }
+            let open: Vec<usize> = (0..ready.len())
+                .filter(|k| cap(*k).is_none() && kept[*k] > 0.0)
+                .collect();
+            let open_total: f64 = open.iter().map(|k| kept[*k]).sum();
+            if open_total > 0.0 {
+                for k in &open {
+                    kept[*k] += cut * kept[*k] / open_total;
+                }
+            } else {
+                overflow += cut;
+            }
         }
         let mut slots = vec![0u32; n];
         if kept.iter().all(|k| *k <= 0.0) && overflow <= 0.0 {
@@ -479,7 +529,7 @@ mod tests {
     fn equal_workers_get_equal_shares() {
         let mut b = balancer();
         feed(&mut b, &[(1000.0, 0.5, 10), (1000.0, 0.5, 10)], 4);
-        let w = b.weights(&[Accepting, Accepting]);
+        let w = b.weights(&[Accepting, Accepting], &[]);
         assert_eq!(w.slots, vec![5000, 5000]);
         assert_eq!(w.overflow, 0);
     }
@@ -489,7 +539,7 @@ mod tests {
         let mut b = balancer();
         // Slot 1 needs three times the CPU per request.
         feed(&mut b, &[(1000.0, 0.25, 10), (1000.0, 0.75, 10)], 6);
-        let (shares, _) = b.weights(&[Accepting, Accepting]).shares();
+        let (shares, _) = b.weights(&[Accepting, Accepting], &[]).shares();
         assert!((shares[0] - 0.75).abs() < 0.02, "{shares:?}");
         // Off: equal shares.
         let cfg = BalanceConfig {
@@ -498,18 +548,21 @@ mod tests {
         };
         let mut b = Balancer::new(cfg, 2, true);
         feed(&mut b, &[(1000.0, 0.25, 10), (1000.0, 0.75, 10)], 6);
-        assert_eq!(b.weights(&[Accepting, Accepting]).slots, vec![5000, 5000]);
+        assert_eq!(
+            b.weights(&[Accepting, Accepting], &[]).slots,
+            vec![5000, 5000]
+        );
     }
 
     #[test]
     fn rejected_shares_move_to_calm_slots_or_else_to_the_overflow_listener() {
         let b = balancer();
         // Rejecting now, by the agent's word: its whole share moves.
-        let w = b.weights(&[Overloaded, Accepting]);
+        let w = b.weights(&[Overloaded, Accepting], &[]);
         assert_eq!((w.slots.clone(), w.overflow), (vec![0, 10000], 0));
-        let w = b.weights(&[Overloaded, Overloaded]);
+        let w = b.weights(&[Overloaded, Overloaded], &[]);
         assert_eq!((w.slots.clone(), w.overflow), (vec![0, 0], 10000));
-        let w = b.weights(&[Overloaded, Unavailable]);
+        let w = b.weights(&[Overloaded, Unavailable], &[]);
         assert_eq!((w.slots.clone(), w.overflow), (vec![0, 0], 10000));
         // Measured: both reject everything.
         let mut b = balancer();
@@ -526,27 +579,62 @@ mod tests {
                 b.on_heartbeat(i, start + Duration::from_millis(500 * k), beat);
             }
         }
-        let w = b.weights(&[Overloaded, Overloaded]);
+        let w = b.weights(&[Overloaded, Overloaded], &[]);
         let (shares, overflow) = w.shares();
         assert!(overflow > 0.85, "{shares:?} {overflow}");
-        assert_eq!(b.weights(&[Unavailable, Unavailable]).overflow, 0);
+        assert_eq!(b.weights(&[Unavailable, Unavailable], &[]).overflow, 0);
         // Nothing ready: queue only where a worker is coming.
-        let w = b.weights(&[Unavailable, Inactive]);
+        let w = b.weights(&[Unavailable, Inactive], &[]);
         assert_eq!((w.slots.clone(), w.overflow), (vec![1, 0], 0));
         // Nobody ready yet: connections wait in the queues.
-        let w = b.weights(&[Unavailable, Unavailable]);
+        let w = b.weights(&[Unavailable, Unavailable], &[]);
         assert_eq!((w.slots.clone(), w.overflow), (vec![1, 1], 0));
         // Without an overflow listener, overloaded workers keep their queues.
         let b = Balancer::new(BalanceConfig::default(), 2, false);
-        let w = b.weights(&[Overloaded, Overloaded]);
+        let w = b.weights(&[Overloaded, Overloaded], &[]);
         assert_eq!((w.slots.clone(), w.overflow), (vec![1, 1], 0));
+    }
+
+    #[test]
+    fn a_stalled_slot_goes_to_calm_ones_but_never_to_the_overflow() {
+        let b = balancer();
+        let w = b.weights(&[Stalled, Accepting], &[]);
+        assert_eq!((w.slots[0], w.overflow), (0, 0), "{w:?}");
+        assert!(w.slots[1] > 0);
+        // Nobody else to take it: the slots keep their shares.
+        let w = b.weights(&[Stalled, Stalled], &[]);
+        assert_eq!(w.slots, vec![5000, 5000]);
+        assert_eq!(w.overflow, 0);
+        // While overloaded, the overflow listener takes it.
+        let w = b.weights(&[Overloaded, Stalled], &[]);
+        assert_eq!(w.slots[0], 0);
+        assert!(w.slots[1] > 0, "{w:?}");
+    }
+
+    #[test]
+    fn a_capped_slot_gives_the_rest_to_an_uncapped_one_or_the_overflow() {
+        let b = balancer();
+        // Both capped: what the caps cut goes to the overflow listener.
+        let w = b.weights(&[Accepting, Accepting], &[Some(0.1), Some(0.2)]);
+        let (shares, overflow) = w.shares();
+        assert!((shares[0] - 0.1).abs() < 0.01, "{shares:?}");
+        assert!((shares[1] - 0.2).abs() < 0.01, "{shares:?}");
+        assert!((overflow - 0.7).abs() < 0.01, "{overflow}");
+        // One uncapped: it takes the rest.
+        let w = b.weights(&[Accepting, Accepting], &[Some(0.1), None]);
+        let (shares, overflow) = w.shares();
+        assert!((shares[1] - 0.9).abs() < 0.01, "{shares:?}");
+        assert_eq!(overflow, 0.0);
+        // A cap above the share changes nothing.
+        let w = b.weights(&[Accepting, Accepting], &[Some(0.9), None]);
+        assert_eq!(w.slots, vec![5000, 5000]);
     }
 
     #[test]
     fn an_idle_slot_keeps_a_minimum_share() {
         let mut b = balancer();
         feed(&mut b, &[(2000.0, 0.5, 10), (10.0, 0.9, 10)], 6);
-        let (shares, _) = b.weights(&[Accepting, Accepting]).shares();
+        let (shares, _) = b.weights(&[Accepting, Accepting], &[]).shares();
         assert!(shares[1] > 0.04, "{shares:?}");
     }
 

@@ -7,15 +7,23 @@
 //!
 //! It runs when the machine is busiest, on the CPU the workers need, so it
 //! does as little as it can: no HTTP parsing, one prepared response. It
-//! waits for the request's first bytes (a client must not get an answer
-//! before it asked), writes the response, ends its side of the connection,
-//! and reads until the client closes, so that unread bytes never turn the
-//! close into a reset that could destroy the answer.
+//! answers only after the request's first bytes (a client must not get an
+//! answer before it asked). Usually the whole request is in by the time the
+//! connection is accepted: then it is answered right in the accept loop,
+//! with the end of the connection in the same segment as the response, and
+//! closed, with no task, no wait for readiness and no wake-up for the
+//! client's close. Otherwise (the request not yet in, or one with a body) a
+//! task waits for it, writes, ends its side, and reads until the client
+//! closes, so that unread bytes never turn the close into a reset that
+//! could destroy the answer.
 
 use std::io::ErrorKind;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::io::Read;
+
+use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -37,6 +45,12 @@ fn response(retry_after_secs: u64) -> Vec<u8> {
     .into_bytes()
 }
 
+/// How long the accept loop rests after taking every waiting connection.
+/// Connections then come in small batches instead of one wake-up each,
+/// each of which would take the CPU from a busy worker; a 503 comes at most
+/// this much later.
+const BATCH: Duration = Duration::from_millis(2);
+
 /// Serves 503s on `listener` until the runtime ends.
 pub async fn serve(
     listener: std::net::TcpListener,
@@ -45,26 +59,55 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let answer: Arc<[u8]> = response(retry_after_secs).into();
     listener.set_nonblocking(true)?;
-    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let listener = watch(listener)?;
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            // The client gave up before we got to it, or no fds left for a
-            // moment: the next connection may do better.
-            Err(e) if transient(&e) => {
-                if e.raw_os_error() == Some(libc::EMFILE) || e.raw_os_error() == Some(libc::ENFILE)
-                {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
+        let mut ready = listener.readable().await?;
+        loop {
+            let stream = match ready.get_inner().accept() {
+                Ok((stream, _)) => stream,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    ready.clear_ready();
+                    break;
                 }
+                // The client gave up before we got to it, or no fds left for
+                // a moment: the next connection may do better.
+                Err(e) if transient(&e) => {
+                    if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
+                        break;
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            // Answered here when the request is in; the rest get a task.
+            let asked = match stream.set_nonblocking(true) {
+                Ok(()) => match answer_now(&stream, &answer, &metrics) {
+                    Quick::Done => continue,
+                    Quick::NotYet => false,
+                    Quick::Asked => true,
+                },
+                Err(_) => continue,
+            };
+            let Ok(stream) = TcpStream::from_std(stream) else {
                 continue;
-            }
-            Err(e) => return Err(e),
-        };
-        let (answer, metrics) = (answer.clone(), metrics.clone());
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(CLIENT_TIMEOUT, reject(stream, &answer, &metrics)).await;
-        });
+            };
+            let (answer, metrics) = (answer.clone(), metrics.clone());
+            tokio::spawn(async move {
+                let answering = reject(stream, asked, &answer, &metrics);
+                let _ = tokio::time::timeout(CLIENT_TIMEOUT, answering).await;
+            });
+        }
+        drop(ready);
+        tokio::time::sleep(BATCH).await;
     }
+}
+
+/// Registers the listener with the runtime, to wait for connections and
+/// take them with plain `accept` calls (no registration per connection).
+fn watch(listener: std::net::TcpListener) -> std::io::Result<AsyncFd<std::net::TcpListener>> {
+    // SAFETY: the AsyncFd owns the listener, so its file descriptor stays
+    // open, and the same one, for as long as the AsyncFd lives.
+    unsafe { AsyncFd::register(listener) }.map_err(std::io::Error::from)
 }
 
 fn transient(e: &std::io::Error) -> bool {
@@ -77,9 +120,65 @@ fn transient(e: &std::io::Error) -> bool {
     )
 }
 
-async fn reject(mut stream: TcpStream, answer: &[u8], metrics: &Metrics) -> std::io::Result<()> {
+/// What [`answer_now`] did.
+enum Quick {
+    /// Answered and closed, or the client had gone.
+    Done,
+    /// Nothing to read yet.
+    NotYet,
+    /// The client asked, but more may follow (a body, a head in pieces).
+    Asked,
+}
+
+/// Answers a connection whose whole request (a head without a body) is
+/// already in, without waiting for anything.
+fn answer_now(stream: &std::net::TcpStream, answer: &[u8], metrics: &Metrics) -> Quick {
     let mut buf = [0u8; 4096];
-    if stream.read(&mut buf).await? == 0 {
+    let n = match (&*stream).read(&mut buf) {
+        Ok(0) => return Quick::Done,
+        Ok(n) => n,
+        Err(e) if e.kind() == ErrorKind::WouldBlock => return Quick::NotYet,
+        Err(_) => return Quick::Done,
+    };
+    if !complete_without_body(&buf[..n]) {
+        return Quick::Asked;
+    }
+    metrics.count_overflow();
+    let sock = socket2::SockRef::from(stream);
+    // MSG_MORE holds the response back until the shutdown below adds the
+    // FIN to it: one segment for the client to take in.
+    match sock.send_with_flags(answer, libc::MSG_MORE) {
+        Ok(sent) if sent == answer.len() => {
+            let _ = sock.shutdown(std::net::Shutdown::Write);
+        }
+        // A fresh connection's send buffer always takes 150 bytes; if it
+        // did not, the client gets no answer rather than half of one.
+        _ => {}
+    }
+    Quick::Done
+}
+
+/// Whether `bytes` are a whole request head with no body to follow: they
+/// end the head, and name no content length or transfer coding.
+fn complete_without_body(bytes: &[u8]) -> bool {
+    if !bytes.ends_with(b"\r\n\r\n") {
+        return false;
+    }
+    let lower = bytes.to_ascii_lowercase();
+    let has = |name: &[u8]| lower.windows(name.len()).any(|w| w == name);
+    !has(b"\ncontent-length:") && !has(b"\ntransfer-encoding:")
+}
+
+/// The slow path: waits for the request's first bytes unless `asked`,
+/// answers, and drains until the client closes.
+async fn reject(
+    mut stream: TcpStream,
+    asked: bool,
+    answer: &[u8],
+    metrics: &Metrics,
+) -> std::io::Result<()> {
+    let mut buf = [0u8; 4096];
+    if !asked && stream.read(&mut buf).await? == 0 {
         return Ok(());
     }
     metrics.count_overflow();
@@ -92,6 +191,18 @@ async fn reject(mut stream: TcpStream, answer: &[u8], metrics: &Metrics) -> std:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_whole_head_without_a_body_is_answered_at_once() {
+        assert!(complete_without_body(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"));
+        assert!(!complete_without_body(b"GET / HTTP/1.1\r\nHost: a\r\n"));
+        assert!(!complete_without_body(
+            b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\n"
+        ));
+        assert!(!complete_without_body(
+            b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n"
+        ));
+    }
 
     #[test]
     fn the_response_is_a_complete_503() {

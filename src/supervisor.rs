@@ -72,6 +72,9 @@ fn queue_limit(backlog: u32, capacity: Option<f64>, window: Duration) -> u32 {
     }
 }
 
+/// How long an overload episode lasts after the last rejection or stall.
+const PRESSURE_HOLD: Duration = Duration::from_secs(1);
+
 /// How often the accept queues are sampled (one getsockopt per slot).
 const QUEUE_CHECK: Duration = Duration::from_millis(10);
 
@@ -115,9 +118,16 @@ struct Slot {
 /// within `[overload] max_delay` (one long event-loop turn, a blocked loop,
 /// a stop for garbage collection) gets no new connections until it does:
 /// they would wait behind it, and a heartbeat, hundreds of milliseconds
-/// later, is too late to say so. Likewise while its queue holds half the
-/// backlog: a full one drops new connections' SYNs, and clients retry only
-/// after a second.
+/// later, is too late to say so.
+///
+/// Node (libuv since 1.45) accepts one connection per turn of its event
+/// loop, so a busy worker drains its queue slowly: the last of `len`
+/// waiting connections is accepted about `len` turns later. The answer's
+/// round trip measures a turn; a slot whose queue would take longer than
+/// the window to drain is steered away from too. So is one whose queue
+/// holds more than its worker serves in the window (or half the backlog: a
+/// full one drops new connections' SYNs, and clients retry only after a
+/// second).
 #[derive(Debug, Clone, Copy)]
 struct QueueWatch {
     /// Connections waiting at the last sample, and how many may.
@@ -128,8 +138,13 @@ struct QueueWatch {
     /// When the worker last answered one: within half the window, its loop
     /// counts as running without asking again.
     pong_at: Option<Instant>,
+    /// How long the worker took to answer, smoothed: about one turn of its
+    /// event loop, the time it takes to accept one more connection.
+    turn: Duration,
+    /// The most of the new connections the slot may get now (see `cap`).
+    cap: Option<f64>,
     /// Steered away: connections wait and the worker has not answered for
-    /// `max_delay`, or the queue is half full.
+    /// `max_delay`, or its queue would take longer than that to drain.
     stalled: bool,
     /// Times the slot was steered away for it.
     stalls: u64,
@@ -142,6 +157,8 @@ impl QueueWatch {
             limit: u32::MAX,
             ping_at: None,
             pong_at: None,
+            turn: Duration::ZERO,
+            cap: None,
             stalled: false,
             stalls: 0,
         }
@@ -165,17 +182,46 @@ impl QueueWatch {
         if ping {
             self.ping_at = Some(now);
         }
-        let late = self
+        // The turn in progress has lasted at least as long as the ping.
+        let turn = self
             .ping_at
-            .is_some_and(|t| now.duration_since(t) >= window);
-        (self.set(len > 0 && (late || len >= limit)), ping)
+            .map_or(self.turn, |t| self.turn.max(now.duration_since(t)));
+        (self.set(self.too_slow(turn, window)), ping)
     }
 
     /// The worker answered a ping; whether `stalled` changed.
-    fn pong(&mut self, now: Instant) -> bool {
-        self.ping_at = None;
+    fn pong(&mut self, now: Instant, window: Duration) -> bool {
+        if let Some(sent) = self.ping_at.take() {
+            let rtt = now.duration_since(sent);
+            self.turn = if self.turn.is_zero() {
+                rtt
+            } else {
+                (self.turn + rtt) / 2
+            };
+        }
         self.pong_at = Some(now);
-        self.set(self.len >= self.limit)
+        self.set(self.too_slow(self.turn, window))
+    }
+
+    /// The most of the group's new connections (`arrivals` per second) this
+    /// slot may get, while its loop runs long turns: what its worker accepts
+    /// within the window, less what waits, per queue check (the supervisor
+    /// looks again then). None while the loop turns faster than that, or
+    /// has not been measured for a second.
+    fn cap(&self, now: Instant, window: Duration, arrivals: Option<f64>) -> Option<f64> {
+        let arrivals = arrivals.filter(|a| *a > 0.0)?;
+        let answered = self.pong_at?;
+        if self.turn < QUEUE_CHECK || now.duration_since(answered) > Duration::from_secs(1) {
+            return None;
+        }
+        let budget = (window.as_secs_f64() / self.turn.as_secs_f64()).floor() - f64::from(self.len);
+        Some((budget.max(1.0) / (arrivals * QUEUE_CHECK.as_secs_f64())).min(1.0))
+    }
+
+    /// Whether the waiting connections would wait longer than the window:
+    /// the worker takes one per turn of its loop.
+    fn too_slow(&self, turn: Duration, window: Duration) -> bool {
+        self.len > 0 && (self.len >= self.limit || turn.saturating_mul(self.len) >= window)
     }
 
     fn set(&mut self, stalled: bool) -> bool {
@@ -226,14 +272,21 @@ impl Slot {
             .chain(self.retiring.iter().map(|r| &r.worker))
     }
 
-    fn availability(&self) -> Availability {
+    /// `pressure`: the service is in an overload episode (see
+    /// [`Supervisor::pressure_until`]), so a stalled queue may send new
+    /// connections to the overflow listener.
+    fn availability(&self, pressure: bool) -> Availability {
         if !self.active {
             return Availability::Inactive;
         }
-        match (self.accepting(), self.rejecting_now || self.queue.stalled) {
-            (false, _) => Availability::Unavailable,
-            (true, true) => Availability::Overloaded,
-            (true, false) => Availability::Accepting,
+        if !self.accepting() {
+            Availability::Unavailable
+        } else if self.rejecting_now || (self.queue.stalled && pressure) {
+            Availability::Overloaded
+        } else if self.queue.stalled {
+            Availability::Stalled
+        } else {
+            Availability::Accepting
         }
     }
 }
@@ -268,6 +321,24 @@ pub struct Supervisor {
     admin: Option<mpsc::UnboundedReceiver<AdminCommand>>,
     /// Reads the config again, for a reload.
     reloader: Option<Reloader>,
+    /// New connections per second into the reuseport group, as measured
+    /// at the overflow listener while it takes most of them.
+    arrivals: Option<f64>,
+    /// The overflow listener's count at the last queue check.
+    overflow_mark: Option<(Instant, u64)>,
+    /// The end of the current overload episode. It begins when a worker
+    /// rejects requests and lasts while workers reject or their accept
+    /// queues stall; within it a stalled queue's connections go to the
+    /// overflow listener. Outside, a stall only moves connections to the
+    /// other workers: a moment's stall is no reason for a 503.
+    pressure_until: Option<Instant>,
+    /// Since when every worker's accept queue has stalled.
+    all_stalled_since: Option<Instant>,
+    /// Said that the overflow listener takes new connections, and not yet
+    /// that the episode is over.
+    overflow_logged: bool,
+    /// Whether the last queue check saw an episode.
+    pressure_seen: bool,
 }
 
 /// Resolves the settings again from the same files and flags.
@@ -325,6 +396,12 @@ impl Supervisor {
             traces: None,
             admin: None,
             reloader: None,
+            arrivals: None,
+            overflow_mark: None,
+            pressure_until: None,
+            all_stalled_since: None,
+            overflow_logged: false,
+            pressure_seen: false,
         }
     }
 
@@ -435,6 +512,7 @@ impl Supervisor {
     /// changed (the steering weights, readiness and metrics need a look).
     fn on_event(&mut self, ev: WorkerEvent) -> bool {
         let now = Instant::now();
+        let window = self.queue_window();
         let index = ev.slot;
         let Some(slot) = self.slots.get_mut(index) else {
             return false;
@@ -444,10 +522,10 @@ impl Supervisor {
         if !is_current && retiring.is_none() {
             return false;
         }
-        // A pong only matters when it ends a stall: pongs come up to a
-        // hundred times a second while connections arrive.
+        // A pong only matters when it starts or ends a stall: pongs come up
+        // to twenty times a second per worker while connections wait.
         if let Event::Message(AgentMessage::Pong) = ev.event {
-            return is_current && slot.queue.pong(now);
+            return is_current && slot.queue.pong(now, window);
         }
         if let Event::Exited(status) = ev.event {
             if is_current {
@@ -870,29 +948,58 @@ impl Supervisor {
     /// their load), rebalance keep-alive connections, publish readiness, and
     /// move a rolling restart along.
     fn after_change(&mut self) {
-        let avail: Vec<Availability> = self.slots.iter().map(Slot::availability).collect();
-        let weights = self.balancer.weights(&avail);
+        let pressure = self.under_pressure(Instant::now());
+        let avail: Vec<Availability> = self
+            .slots
+            .iter()
+            .map(|s| s.availability(pressure))
+            .collect();
+        // Capped only under pressure: what a cap cuts may go to the
+        // overflow listener. A saturated worker gets nothing new then.
+        let caps: Vec<Option<f64>> = self
+            .slots
+            .iter()
+            .map(|s| {
+                if !pressure {
+                    None
+                } else if self.balancer.saturated(s.index) {
+                    Some(0.0)
+                } else {
+                    s.queue.cap
+                }
+            })
+            .collect();
+        let weights = self.balancer.weights(&avail, &caps);
         if self.listeners.can_steer() && self.balancer.should_attach(&weights) {
-            let was_overflowing = self.balancer.attached().is_some_and(|w| w.overflow > 0);
             match self.listeners.steer(&weights) {
                 Ok(()) => {
                     tracing::debug!(service = &*self.service, weights = ?weights.slots, overflow = weights.overflow, "steering new connections");
-                    match (was_overflowing, weights.overflow > 0) {
-                        (false, true) => warn!(
-                            service = &*self.service,
-                            overflow_share = weights.shares().1,
-                            "every worker is overloaded: new connections get 503 from the overflow listener"
-                        ),
-                        (true, false) => info!(
-                            service = &*self.service,
-                            "workers take new connections again"
-                        ),
-                        _ => {}
-                    }
                     self.balancer.set_attached(weights);
                 }
                 Err(e) => warn!(error = %e, "cannot attach the steering program"),
             }
+        }
+        // Within an overload episode the overflow share comes and goes with
+        // every stall: one line when it first takes connections, one when
+        // the episode is over and it takes none.
+        let overflowing = self.balancer.attached().is_some_and(|w| w.overflow > 0);
+        match (self.overflow_logged, overflowing) {
+            (false, true) => {
+                self.overflow_logged = true;
+                warn!(
+                    service = &*self.service,
+                    overflow_share = self.balancer.attached().map_or(0.0, |w| w.shares().1),
+                    "every worker is overloaded: new connections get 503 from the overflow listener"
+                );
+            }
+            (true, false) if !pressure => {
+                self.overflow_logged = false;
+                info!(
+                    service = &*self.service,
+                    "workers take new connections again"
+                );
+            }
+            _ => {}
         }
         for (index, connections) in self.balancer.shed_orders(&avail, Instant::now()) {
             if let Some(w) = &self.slots[index].worker {
@@ -927,13 +1034,40 @@ impl Supervisor {
     /// Samples every serving slot's accept queue, pinging the workers that
     /// have connections waiting; whether a slot stalled or moved again (the
     /// weights need recomputing).
+    /// How long connections may wait in an accept queue: `[overload]
+    /// max_delay`, or 100 ms where that check is off.
+    fn queue_window(&self) -> Duration {
+        Some(self.settings.config.overload.max_delay.get())
+            .filter(|d| !d.is_zero())
+            .unwrap_or(Duration::from_millis(100))
+    }
+
+    /// Starts or extends an overload episode.
+    fn press(&mut self, now: Instant) {
+        self.pressure_until = Some(now + PRESSURE_HOLD);
+    }
+
+    fn under_pressure(&self, now: Instant) -> bool {
+        self.pressure_until.is_some_and(|t| now < t)
+    }
+
     fn check_queues(&mut self) -> bool {
         let now = Instant::now();
-        let window = Some(self.settings.config.overload.max_delay.get())
-            .filter(|d| !d.is_zero())
-            .unwrap_or(Duration::from_millis(100));
+        let window = self.queue_window();
         let backlog = self.settings.config.server.backlog;
         let mut changed = false;
+        // What reaches the overflow listener while it has most of the share
+        // says how fast new connections arrive.
+        let count = self.metrics.overflowed();
+        if let Some((at, before)) = self.overflow_mark {
+            let share = self.balancer.attached().map_or(0.0, |w| w.shares().1);
+            let secs = now.duration_since(at).as_secs_f64();
+            if share >= 0.5 && secs > 0.0 {
+                let sample = (count - before) as f64 / secs / share;
+                self.arrivals = Some(self.arrivals.map_or(sample, |a| a + (sample - a) * 0.2));
+            }
+        }
+        self.overflow_mark = Some((now, count));
         for slot in self.slots.iter_mut() {
             let limit = queue_limit(backlog, self.balancer.capacity(slot.index), window);
             // Watched while the current worker serves: its agent answers.
@@ -949,6 +1083,15 @@ impl Supervisor {
             if ping && let Some(w) = ready {
                 w.send(SupervisorMessage::Ping);
             }
+            let cap = slot.queue.cap(now, window, self.arrivals);
+            // Caps move with every sample; a change of a fifth or more is
+            // worth a new look at the weights.
+            let moved = match (cap, slot.queue.cap) {
+                (Some(a), Some(b)) => (a - b).abs() > 0.2 * a.max(b),
+                (a, b) => a.is_some() != b.is_some(),
+            };
+            slot.queue.cap = cap;
+            changed |= moved;
             if flipped {
                 changed = true;
                 tracing::debug!(
@@ -960,6 +1103,29 @@ impl Supervisor {
                 );
             }
         }
+        // Every worker's queue stalled on two checks in a row also starts
+        // an episode: their agents may not reject before the queues are
+        // long, and each 10 ms adds a turn's worth of waiting connections.
+        // Stalls and saturated event loops (whose new connections go to
+        // the overflow listener, so their queues stay short) extend it.
+        let watched = self.slots.iter().filter(|s| s.active && s.accepting());
+        let all_stalled = watched.clone().count() > 0 && watched.clone().all(|s| s.queue.stalled);
+        let since = *self.all_stalled_since.get_or_insert(now);
+        if !all_stalled {
+            self.all_stalled_since = None;
+        }
+        let onset = all_stalled && now.duration_since(since) >= QUEUE_CHECK;
+        let busy = self.slots.iter().any(|s| {
+            s.queue.stalled || (s.active && s.accepting() && self.balancer.saturated(s.index))
+        });
+        if onset || (busy && self.under_pressure(now)) {
+            self.press(now);
+        }
+        // An episode that begins or ends changes where stalls send
+        // connections.
+        let pressure = self.under_pressure(now);
+        changed |= pressure != self.pressure_seen;
+        self.pressure_seen = pressure;
         changed
     }
 
@@ -967,6 +1133,7 @@ impl Supervisor {
     /// connections away now, not at the next heartbeat (which says how much
     /// it rejects, and ends this).
     fn on_overloaded(&mut self, index: usize, reason: &str) {
+        self.press(Instant::now());
         let slot = &mut self.slots[index];
         slot.rejecting_now = true;
         if !slot.overloaded {
@@ -992,6 +1159,10 @@ impl Supervisor {
         // already, even if none arrived since the last heartbeat.
         let o = &self.settings.config.overload;
         let at_bound = o.enabled && o.max_inflight > 0 && inflight >= u64::from(o.max_inflight);
+        if r.total() > 0 || at_bound {
+            self.pressure_until = Some(Instant::now() + PRESSURE_HOLD);
+        }
+        let slot = &mut self.slots[index];
         match (r.total() > 0 || at_bound, slot.overloaded) {
             (true, false) => {
                 slot.overloaded = true;
@@ -1513,21 +1684,90 @@ mod tests {
     fn a_worker_that_does_not_answer_within_the_window_stalls() {
         let t0 = Instant::now();
         let mut q = QueueWatch::new();
-        // Connections wait: ping once, and not again while it is unanswered.
-        assert_eq!(q.sample(3, t0, WINDOW, 100), (false, true));
+        // A connection waits: ping once, and not again while it is
+        // unanswered.
+        assert_eq!(q.sample(1, t0, WINDOW, 100), (false, true));
         assert_eq!(
-            q.sample(5, t0 + Duration::from_millis(90), WINDOW, 100),
+            q.sample(1, t0 + Duration::from_millis(90), WINDOW, 100),
             (false, false)
         );
         assert_eq!(
-            q.sample(5, t0 + Duration::from_millis(100), WINDOW, 100),
+            q.sample(1, t0 + Duration::from_millis(100), WINDOW, 100),
             (true, false)
         );
         assert!(q.stalled);
         assert_eq!(q.stalls, 1);
-        // It answers: the slot gets connections again.
-        assert!(q.pong(t0 + Duration::from_millis(110)));
+        // Five waiting behind a turn that has lasted 90 ms would wait too.
+        let mut q2 = QueueWatch::new();
+        q2.sample(5, t0, WINDOW, 100);
+        assert_eq!(
+            q2.sample(5, t0 + Duration::from_millis(20), WINDOW, 100),
+            (true, false)
+        );
+        // It answers, but at 110 ms a turn its queue still waits too long;
+        // once it has taken the connection, the slot gets connections again.
+        assert!(!q.pong(t0 + Duration::from_millis(110), WINDOW));
+        assert!(q.stalled);
+        assert_eq!(
+            q.sample(0, t0 + Duration::from_millis(120), WINDOW, 100),
+            (true, false)
+        );
         assert!(!q.stalled);
+    }
+
+    #[test]
+    fn a_queue_may_hold_what_the_worker_accepts_in_the_window() {
+        // Turns of 40 ms: two waiting connections are taken within 100 ms,
+        // three are not.
+        let t0 = Instant::now();
+        let mut q = QueueWatch::new();
+        assert_eq!(q.sample(2, t0, WINDOW, 100), (false, true));
+        assert!(!q.pong(t0 + Duration::from_millis(40), WINDOW));
+        assert_eq!(q.turn, Duration::from_millis(40));
+        let later = t0 + Duration::from_millis(50);
+        assert_eq!(q.sample(2, later, WINDOW, 100), (false, false));
+        assert_eq!(q.sample(3, later, WINDOW, 100), (true, false));
+        // Shorter turns later: the estimate follows (halfway per answer).
+        assert_eq!(
+            q.sample(3, t0 + Duration::from_millis(100), WINDOW, 100),
+            (false, true)
+        );
+        assert!(q.pong(t0 + Duration::from_millis(110), WINDOW));
+        assert_eq!(q.turn, Duration::from_millis(25));
+        assert!(!q.stalled);
+    }
+
+    #[test]
+    fn a_busy_worker_is_capped_at_what_it_accepts_per_check() {
+        let t0 = Instant::now();
+        let mut q = QueueWatch::new();
+        // Not measured yet, or no arrival rate: no cap.
+        assert_eq!(q.cap(t0, WINDOW, Some(1000.0)), None);
+        q.sample(1, t0, WINDOW, 100);
+        q.pong(t0 + Duration::from_millis(25), WINDOW);
+        let now = t0 + Duration::from_millis(30);
+        assert_eq!(q.cap(now, WINDOW, None), None);
+        // Turns of 25 ms: 4 accepts in the window, 1 waiting, so 3 more;
+        // 1,000 arrivals a second bring 10 per 10 ms check.
+        q.sample(1, now, WINDOW, 100);
+        let cap = q.cap(now, WINDOW, Some(1000.0)).unwrap();
+        assert!((cap - 0.3).abs() < 1e-9, "{cap}");
+        // A full queue still gets one connection's worth per check.
+        q.sample(6, now, WINDOW, 100);
+        let cap = q.cap(now, WINDOW, Some(1000.0)).unwrap();
+        assert!((cap - 0.1).abs() < 1e-9, "{cap}");
+        // A fast loop, or an old measurement: no cap.
+        assert_eq!(
+            q.cap(now + Duration::from_secs(2), WINDOW, Some(1000.0)),
+            None
+        );
+        let mut fast = QueueWatch::new();
+        fast.sample(1, t0, WINDOW, 100);
+        fast.pong(t0 + Duration::from_millis(2), WINDOW);
+        assert_eq!(
+            fast.cap(t0 + Duration::from_millis(3), WINDOW, Some(1000.0)),
+            None
+        );
     }
 
     #[test]
@@ -1550,7 +1790,7 @@ mod tests {
             if ping {
                 pings += 1;
                 // Answered within a few milliseconds, as a running loop does.
-                q.pong(now + Duration::from_millis(2));
+                q.pong(now + Duration::from_millis(2), WINDOW);
             }
         }
         assert_eq!(q.stalls, 0);
@@ -1572,7 +1812,7 @@ mod tests {
             (true, true)
         );
         // Answering is not enough while the queue stays that long.
-        assert!(!q.pong(t0 + Duration::from_secs(5)));
+        assert!(!q.pong(t0 + Duration::from_secs(5), WINDOW));
         assert!(q.stalled);
         assert_eq!(
             q.sample(0, t0 + Duration::from_secs(6), WINDOW, 100),

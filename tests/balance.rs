@@ -139,6 +139,20 @@ fn with_every_worker_overloaded_the_overflow_listener_answers_503() {
     ampere.logs.wait_for(READY, "the overflow log line", |l| {
         msg_is(l, "every worker is overloaded")
     });
+    // Clients whose request is not in when the connection is accepted (a
+    // late head, a body in a second write) get the same answer, and a clean
+    // close rather than a reset.
+    for pieces in [
+        &[&b""[..], b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"][..],
+        &[
+            &b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n"[..],
+            b"hello",
+        ][..],
+    ] {
+        let answer = exchange_in_pieces(addr, pieces);
+        assert!(answer.starts_with("HTTP/1.1 503 "), "{pieces:?}: {answer}");
+        assert!(answer.contains("\r\nretry-after: 1\r\n"), "{answer}");
+    }
     // The workers finish what they had in flight.
     let statuses: Vec<u16> = slow
         .into_iter()
@@ -159,6 +173,27 @@ fn with_every_worker_overloaded_the_overflow_listener_answers_503() {
     ampere.logs.wait_for(READY, "the recovery log line", |l| {
         msg_is(l, "workers take new connections again")
     });
+}
+
+/// Sends `pieces` 100 ms apart on a new connection (an empty piece: wait
+/// only), then reads until the server closes; what it answered. A reset
+/// fails the test.
+fn exchange_in_pieces(addr: std::net::SocketAddr, pieces: &[&[u8]]) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    for (k, piece) in pieces.iter().enumerate() {
+        if k > 0 {
+            // The client's own pace, not a wait for the server.
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        stream.write_all(piece).expect("write");
+    }
+    let mut answer = Vec::new();
+    stream
+        .read_to_end(&mut answer)
+        .expect("the answer, then a clean close");
+    String::from_utf8_lossy(&answer).into_owned()
 }
 
 #[test]

@@ -107,6 +107,11 @@ impl Metrics {
         self.overflow.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Requests the overflow listener answered so far.
+    pub fn overflowed(&self) -> u64 {
+        self.overflow.load(Ordering::Relaxed)
+    }
+
     pub fn publish(&self, snapshot: Snapshot) {
         if let Ok(mut s) = self.snapshot.lock() {
             *s = snapshot;
