@@ -185,6 +185,30 @@ test('lateness from the app\'s start-up does not reject the first request; later
   }
 });
 
+test('requests that would wait longer than max_delay behind those in flight are rejected', async () => {
+  // Each request burns 20 ms of the loop after a timer: many can be in
+  // flight at once, and the loop is never late when they are let in.
+  const w = await startWorker(`
+    const http = require('node:http');
+    http.createServer((req, res) => {
+      setTimeout(() => { const t = Date.now(); while (Date.now() - t < 20); res.end('ok'); }, 20);
+    }).listen(process.env.PORT);
+  `, { AMPERE_MAX_DELAY_MS: '100' });
+  try {
+    await w.next('listening');
+    // Learn what a request costs: ten of them, one after another.
+    for (let i = 0; i < 10; i++) assert.strictEqual((await get(w.port)).status, 200);
+    while ((await w.next('heartbeat')).cost_ms === 0);
+    // Twelve at once: about five fit in 100 ms, the rest are told to go.
+    const statuses = (await Promise.all(Array.from({ length: 12 }, () => get(w.port)))).map((r) => r.status);
+    const ok = statuses.filter((s) => s === 200).length;
+    assert.ok(ok >= 4 && ok <= 8, `${statuses}`);
+    assert.strictEqual(ok + statuses.filter((s) => s === 503).length, 12, `${statuses}`);
+  } finally {
+    w.child.kill('SIGKILL');
+  }
+});
+
 test('a ping is answered with a pong once the event loop gets to I/O', async () => {
   const w = await startWorker(APP);
   try {

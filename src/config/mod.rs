@@ -230,9 +230,9 @@ pub struct OverloadConfig {
     /// Reject while a worker has this many requests in flight (0: no bound).
     pub max_inflight: u32,
     /// Reject while the event loop runs this late (0s: no bound). With
-    /// `[balance] load_aware`, a slot whose accept queue has not moved for
-    /// this long (100 ms when 0s) also gets no new connections until its
-    /// worker takes the waiting ones.
+    /// `[balance] load_aware`, a slot whose
+    /// queued connections would wait longer than this (100 ms when 0s) gets
+    /// no new connections until its worker takes them.
     pub max_delay: Duration,
     /// The `Retry-After` of the 503s.
     pub retry_after: Duration,

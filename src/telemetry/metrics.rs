@@ -293,7 +293,7 @@ impl Metrics {
         let stalls = family::<Counter>(
             &mut registry,
             "ampere_accept_queue_stalls",
-            "Times new connections were steered away from a slot whose accept queue did not move for [overload] max_delay",
+            "Times new connections were steered away from a slot whose queued connections would wait longer than [overload] max_delay",
         );
         for w in &snap.workers {
             let labels: Labels = vec![("service", service.clone()), ("worker", w.slot.to_string())];

@@ -68,6 +68,10 @@ pub struct Heartbeat {
     pub rejected: Rejected,
     /// Connections open now.
     pub conns: u64,
+    /// The event loop's busy time per finished request, smoothed (0 until
+    /// ten requests finished): with the requests in flight, the agent's
+    /// estimate of how long a new request would wait.
+    pub cost_ms: f64,
     /// Keep-alive connections closed on a `shed` order since the previous
     /// heartbeat.
     pub shed: u64,
