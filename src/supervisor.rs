@@ -327,10 +327,11 @@ pub struct Supervisor {
     /// The overflow listener's count at the last queue check.
     overflow_mark: Option<(Instant, u64)>,
     /// The end of the current overload episode. It begins when a worker
-    /// rejects requests and lasts while workers reject or their accept
-    /// queues stall; within it a stalled queue's connections go to the
-    /// overflow listener. Outside, a stall only moves connections to the
-    /// other workers: a moment's stall is no reason for a 503.
+    /// rejects requests or every accept queue stalls, and lasts while
+    /// workers reject, stall or run saturated; within it a stalled queue's
+    /// connections go to the overflow listener, and busy workers are
+    /// capped. Outside, a stall only moves connections to the other
+    /// workers: a moment's stall is no reason for a 503.
     pressure_until: Option<Instant>,
     /// Since when every worker's accept queue has stalled.
     all_stalled_since: Option<Instant>,
@@ -1031,9 +1032,6 @@ impl Supervisor {
         self.settings.config.balance.load_aware && self.listeners.can_steer()
     }
 
-    /// Samples every serving slot's accept queue, pinging the workers that
-    /// have connections waiting; whether a slot stalled or moved again (the
-    /// weights need recomputing).
     /// How long connections may wait in an accept queue: `[overload]
     /// max_delay`, or 100 ms where that check is off.
     fn queue_window(&self) -> Duration {
@@ -1051,6 +1049,10 @@ impl Supervisor {
         self.pressure_until.is_some_and(|t| now < t)
     }
 
+    /// Samples every serving slot's accept queue, pinging the workers that
+    /// have connections waiting, and starts, extends or ends overload
+    /// episodes; whether the weights need recomputing (a slot stalled or
+    /// moved again, a cap moved, an episode began or ended).
     fn check_queues(&mut self) -> bool {
         let now = Instant::now();
         let window = self.queue_window();
@@ -1160,7 +1162,7 @@ impl Supervisor {
         let o = &self.settings.config.overload;
         let at_bound = o.enabled && o.max_inflight > 0 && inflight >= u64::from(o.max_inflight);
         if r.total() > 0 || at_bound {
-            self.pressure_until = Some(Instant::now() + PRESSURE_HOLD);
+            self.press(Instant::now());
         }
         let slot = &mut self.slots[index];
         match (r.total() > 0 || at_bound, slot.overloaded) {
