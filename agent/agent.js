@@ -221,18 +221,25 @@ function start() {
   // heartbeats. Times the requests in flight, it is how long a new request
   // would wait behind them: apps whose requests interleave (async
   // rendering) queue there, where the loop's lateness does not show it.
+  // Busy time counts at most three times the CPU time (two workers on a
+  // CPU see about twice): a process that others keep off the CPU for
+  // longer (a throttled cgroup, a crowded machine) looks busy without more
+  // work per request.
   let finished = 0;
   let busyMs = 0;
+  let cpuMs = 0;
   let costMs = 0;
-  function updateCost(activeMs) {
+  function updateCost(activeMs, usedMs) {
     // Measured over at least 10 requests: fewer say more about timers and
     // collections than about what a request costs.
     busyMs += activeMs;
+    cpuMs += usedMs;
     if (finished >= 10) {
-      const sample = busyMs / finished;
+      const sample = Math.min(busyMs, 3 * cpuMs) / finished;
       costMs = costMs === 0 ? sample : (costMs + sample) / 2;
       finished = 0;
       busyMs = 0;
+      cpuMs = 0;
     }
   }
   let rejected = { inflight: 0, delay: 0 };
@@ -365,13 +372,16 @@ function start() {
   const delay = monitorEventLoopDelay({ resolution: 10 });
   delay.enable();
   let lastElu = performance.eventLoopUtilization();
+  let lastCpu = cpuUs();
   // Heartbeats come faster while the heap is past half of V8's limit, so
   // that a fast leak is seen in time (a worker leaking 40 MiB/s crosses the
   // last quarter of a 256 MiB heap in about a second).
   const beat = () => {
     const elu = performance.eventLoopUtilization(lastElu);
     lastElu = performance.eventLoopUtilization();
-    updateCost(elu.active);
+    const cpu = cpuUs();
+    updateCost(elu.active, (cpu - lastCpu) / 1000);
+    lastCpu = cpu;
     const heap = v8.getHeapStatistics();
     const heapLimit = oldSpaceLimit(heap.heap_size_limit);
     send({
@@ -385,7 +395,7 @@ function start() {
       heap_total: heap.total_heap_size,
       heap_limit: heapLimit,
       rss: process.memoryUsage.rss(),
-      cpu_us: cpuUs(),
+      cpu_us: cpu,
       http: takeHistogram(),
       rejected: takeRejected(),
       inflight,

@@ -62,6 +62,7 @@ pub async fn serve(
     let listener = watch(listener)?;
     loop {
         let mut ready = listener.readable().await?;
+        let mut rest = BATCH;
         loop {
             let stream = match ready.get_inner().accept() {
                 Ok((stream, _)) => stream,
@@ -73,6 +74,9 @@ pub async fn serve(
                 // a moment: the next connection may do better.
                 Err(e) if transient(&e) => {
                     if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
+                        // No fds: the connections wait in the queue a little
+                        // longer rather than spin on this error.
+                        rest = Duration::from_millis(10);
                         break;
                     }
                     continue;
@@ -98,7 +102,7 @@ pub async fn serve(
             });
         }
         drop(ready);
-        tokio::time::sleep(BATCH).await;
+        tokio::time::sleep(rest).await;
     }
 }
 
