@@ -35,6 +35,11 @@ const MAX_INFLIGHT = Number(process.env.AMPERE_MAX_INFLIGHT) || 0;
 const MAX_DELAY_MS = Number(process.env.AMPERE_MAX_DELAY_MS) || 0;
 const RETRY_AFTER = process.env.AMPERE_RETRY_AFTER || '1';
 const LAG_TICK_MS = 10;
+// Within an overload episode (the supervisor says so, or this worker
+// rejects): 0 keeps MAX_DELAY_MS. The episode lasts until the supervisor
+// ends it, or 1 s after this worker's last rejection.
+const TARGET_DELAY_MS = Number(process.env.AMPERE_TARGET_DELAY_MS) || MAX_DELAY_MS;
+const PRESSURE_HOLD_MS = 1000;
 // Tracing ([telemetry]): the share of new traces to record; unset: off.
 const TRACE_RATIO = process.env.AMPERE_TRACE_RATIO === undefined ? -1 : Number(process.env.AMPERE_TRACE_RATIO);
 const TRACING = TRACE_RATIO >= 0;
@@ -164,8 +169,10 @@ function start() {
           return;
         }
         const now = performance.now();
-        if (MAX_DELAY_MS !== 0 && (lag > MAX_DELAY_MS || now - lastTick > LATE_MS || inflight * costMs > MAX_DELAY_MS)) {
+        const bound = now < pressureUntil ? pressureMs : MAX_DELAY_MS;
+        if (MAX_DELAY_MS !== 0 && (lag > MAX_DELAY_MS || now - lastTick > LATE_MS || inflight * costMs > bound)) {
           if (warm) {
+            press(now + PRESSURE_HOLD_MS);
             reject(res, 'delay');
             return;
           }
@@ -216,6 +223,18 @@ function start() {
       lag = Math.max(0, now - lastTick - LAG_TICK_MS);
       lastTick = now;
     }, LAG_TICK_MS).unref();
+  }
+  // Overload episodes: meanwhile the wait behind the requests in flight is
+  // held to TARGET_DELAY_MS instead of MAX_DELAY_MS (a queue that never
+  // drains adds latency, not throughput), though never below two requests'
+  // cost, so that an app whose requests interleave still overlaps them.
+  let pressureUntil = 0;
+  let pressureMs = MAX_DELAY_MS;
+  function press(until) {
+    if (performance.now() >= pressureUntil) {
+      pressureMs = Math.min(MAX_DELAY_MS, Math.max(TARGET_DELAY_MS, 2 * costMs));
+    }
+    pressureUntil = Math.max(pressureUntil, until);
   }
   // The event loop's busy time per finished request, smoothed over
   // heartbeats. Times the requests in flight, it is how long a new request
@@ -336,10 +355,19 @@ function start() {
     shed++;
   }
 
+  let pongElu = performance.eventLoopUtilization();
   function onMessage(msg) {
     if (msg.type === 'drain') drain(msg.urgent === true);
     else if (msg.type === 'shed') shedLeft = Math.max(0, Number(msg.connections) || 0);
-    else if (msg.type === 'ping') send({ type: 'pong' });
+    else if (msg.type === 'ping') {
+      const e = performance.eventLoopUtilization(pongElu);
+      pongElu = performance.eventLoopUtilization();
+      send({ type: 'pong', elu: e.utilization });
+    }
+    else if (msg.type === 'pressure') {
+      if (msg.on === true) press(Infinity);
+      else pressureUntil = 0;
+    }
   }
 
   function drain(urgent) {

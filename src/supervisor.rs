@@ -513,7 +513,7 @@ impl Supervisor {
     /// changed (the steering weights, readiness and metrics need a look).
     fn on_event(&mut self, ev: WorkerEvent) -> bool {
         let now = Instant::now();
-        let window = self.queue_window();
+        let window = self.queue_window(now);
         let index = ev.slot;
         let Some(slot) = self.slots.get_mut(index) else {
             return false;
@@ -566,6 +566,9 @@ impl Supervisor {
                     w.state = State::Ready;
                     w.ready_at = Some(now);
                     w.tracker = Tracker::new(now);
+                    if self.pressure_seen {
+                        w.send(SupervisorMessage::Pressure { on: true });
+                    }
                     if retiring.is_none() {
                         self.balancer.reset(index);
                         slot.queue = QueueWatch::new();
@@ -1033,11 +1036,17 @@ impl Supervisor {
     }
 
     /// How long connections may wait in an accept queue: `[overload]
-    /// max_delay`, or 100 ms where that check is off.
-    fn queue_window(&self) -> Duration {
-        Some(self.settings.config.overload.max_delay.get())
-            .filter(|d| !d.is_zero())
-            .unwrap_or(Duration::from_millis(100))
+    /// max_delay`, or 100 ms where that check is off; within an overload
+    /// episode, `target_delay` where set.
+    fn queue_window(&self, now: Instant) -> Duration {
+        let o = &self.settings.config.overload;
+        let target = Some(o.target_delay.get()).filter(|d| !d.is_zero() && o.enabled);
+        match target {
+            Some(t) if self.under_pressure(now) => t,
+            _ => Some(o.max_delay.get())
+                .filter(|d| !d.is_zero())
+                .unwrap_or(Duration::from_millis(100)),
+        }
     }
 
     /// Starts or extends an overload episode.
@@ -1055,7 +1064,7 @@ impl Supervisor {
     /// moved again, a cap moved, an episode began or ended).
     fn check_queues(&mut self) -> bool {
         let now = Instant::now();
-        let window = self.queue_window();
+        let window = self.queue_window(now);
         let backlog = self.settings.config.server.backlog;
         let mut changed = false;
         // What reaches the overflow listener while it has most of the share
@@ -1126,7 +1135,13 @@ impl Supervisor {
         // An episode that begins or ends changes where stalls send
         // connections.
         let pressure = self.under_pressure(now);
-        changed |= pressure != self.pressure_seen;
+        if pressure != self.pressure_seen {
+            changed = true;
+            // The agents keep their queues to `target_delay` meanwhile.
+            for w in self.slots.iter().filter_map(|s| s.worker.as_ref()) {
+                w.send(SupervisorMessage::Pressure { on: pressure });
+            }
+        }
         self.pressure_seen = pressure;
         changed
     }

@@ -209,6 +209,40 @@ test('requests that would wait longer than max_delay behind those in flight are 
   }
 });
 
+test('within an overload episode the wait behind requests in flight is held to target_delay', async () => {
+  const w = await startWorker(`
+    const http = require('node:http');
+    http.createServer((req, res) => {
+      setTimeout(() => { const t = Date.now(); while (Date.now() - t < 20); res.end('ok'); }, 20);
+    }).listen(process.env.PORT);
+  `, { AMPERE_MAX_DELAY_MS: '100', AMPERE_TARGET_DELAY_MS: '45' });
+  const burst = async () => {
+    const statuses = (await Promise.all(Array.from({ length: 12 }, () => get(w.port)))).map((r) => r.status);
+    assert.strictEqual(statuses.filter((s) => s === 200 || s === 503).length, 12, `${statuses}`);
+    return statuses.filter((s) => s === 200).length;
+  };
+  // Messages are handled in order: once the pong is back, so is the order.
+  const tell = async (msg) => {
+    w.send(msg);
+    w.send({ type: 'ping' });
+    await w.next('pong');
+  };
+  try {
+    await w.next('listening');
+    for (let i = 0; i < 10; i++) assert.strictEqual((await get(w.port)).status, 200);
+    while ((await w.next('heartbeat')).cost_ms === 0);
+    // About 20 ms a request: two fit in 45 ms, where five fit in 100 ms.
+    await tell({ type: 'pressure', on: true });
+    const during = await burst();
+    assert.ok(during >= 1 && during <= 3, `${during} let in`);
+    await tell({ type: 'pressure', on: false });
+    const after = await burst();
+    assert.ok(after >= 4, `${after} let in`);
+  } finally {
+    w.child.kill('SIGKILL');
+  }
+});
+
 test('a ping is answered with a pong once the event loop gets to I/O', async () => {
   const w = await startWorker(APP);
   try {

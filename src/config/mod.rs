@@ -234,6 +234,13 @@ pub struct OverloadConfig {
     /// queued connections would wait longer than this (100 ms when 0s) gets
     /// no new connections until its worker takes them.
     pub max_delay: Duration,
+    /// Once the service is overloaded (some requests already get 503: an
+    /// overload episode), the wait that queues are kept to instead of
+    /// `max_delay`: behind the requests in flight in a worker (never below
+    /// two requests' measured cost), and, with `[balance] load_aware`, in
+    /// a worker's accept queue. Beyond it a standing queue adds latency
+    /// without adding throughput. 0s: `max_delay` throughout.
+    pub target_delay: Duration,
     /// The `Retry-After` of the 503s.
     pub retry_after: Duration,
 }
@@ -246,6 +253,9 @@ impl Default for OverloadConfig {
             // A loop running 100 ms late means every request on it has
             // waited that long already; GC pauses stay well below.
             max_delay: Duration::from_millis(100),
+            // A fifth of max_delay (see bench/overload for what it does at
+            // twice an app's capacity).
+            target_delay: Duration::from_millis(20),
             retry_after: Duration::from_secs(1),
         }
     }

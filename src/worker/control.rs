@@ -144,6 +144,9 @@ pub enum SupervisorMessage {
     Shed { connections: u64 },
     /// Answer `pong` (sent while connections wait in the slot's queue).
     Ping,
+    /// An overload episode of the service began (`on`) or ended: keep
+    /// queues to `[overload] target_delay` while it lasts.
+    Pressure { on: bool },
 }
 
 #[cfg(test)]

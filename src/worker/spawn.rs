@@ -120,6 +120,11 @@ impl Command {
             ));
             let delay_ms = o.max_delay.get().as_millis();
             env.push(("AMPERE_MAX_DELAY_MS".into(), delay_ms.to_string().into()));
+            let target_ms = o.target_delay.get().as_millis();
+            env.push((
+                "AMPERE_TARGET_DELAY_MS".into(),
+                target_ms.to_string().into(),
+            ));
             let retry = o.retry_after.get().as_secs().max(1);
             env.push(("AMPERE_RETRY_AFTER".into(), retry.to_string().into()));
         }
