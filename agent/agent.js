@@ -40,6 +40,9 @@ const LAG_TICK_MS = 10;
 // ends it, or 1 s after this worker's last rejection.
 const TARGET_DELAY_MS = Number(process.env.AMPERE_TARGET_DELAY_MS) || MAX_DELAY_MS;
 const PRESSURE_HOLD_MS = 1000;
+// The event-loop utilisation (over 100 ms) from which the loop counts as
+// saturated; AMPERE_SATURATED_ELU is for tests.
+const SATURATED_ELU = Number(process.env.AMPERE_SATURATED_ELU ?? 0.9);
 // Tracing ([telemetry]): the share of new traces to record; unset: off.
 const TRACE_RATIO = process.env.AMPERE_TRACE_RATIO === undefined ? -1 : Number(process.env.AMPERE_TRACE_RATIO);
 const TRACING = TRACE_RATIO >= 0;
@@ -169,7 +172,7 @@ function start() {
           return;
         }
         const now = performance.now();
-        const bound = now < pressureUntil ? pressureMs : MAX_DELAY_MS;
+        const bound = now < pressureUntil && saturated ? pressureMs : MAX_DELAY_MS;
         if (MAX_DELAY_MS !== 0 && (lag > MAX_DELAY_MS || now - lastTick > LATE_MS || inflight * costMs > bound)) {
           if (warm) {
             press(now + PRESSURE_HOLD_MS);
@@ -217,17 +220,27 @@ function start() {
   // first request waited for it, but shedding it would help nobody.
   let warm = false;
   const LATE_MS = LAG_TICK_MS + MAX_DELAY_MS;
+  // Whether the loop had no idle time to speak of over the last 100 ms.
+  let saturated = false;
+  let ticks = 0;
+  let tickElu = performance.eventLoopUtilization();
   if (MAX_DELAY_MS !== 0) {
     setInterval(() => {
       const now = performance.now();
       lag = Math.max(0, now - lastTick - LAG_TICK_MS);
       lastTick = now;
+      if (++ticks % 10 === 0) {
+        saturated = performance.eventLoopUtilization(tickElu).utilization >= SATURATED_ELU;
+        tickElu = performance.eventLoopUtilization();
+      }
     }, LAG_TICK_MS).unref();
   }
-  // Overload episodes: meanwhile the wait behind the requests in flight is
-  // held to TARGET_DELAY_MS instead of MAX_DELAY_MS (a queue that never
-  // drains adds latency, not throughput), though never below two requests'
-  // cost, so that an app whose requests interleave still overlaps them.
+  // Overload episodes: meanwhile, while the loop is saturated, the wait
+  // behind the requests in flight is held to TARGET_DELAY_MS instead of
+  // MAX_DELAY_MS (a queue that never drains adds latency, not throughput),
+  // though never below two requests' cost. A loop with idle time is not
+  // held: its requests wait on something else (timers, I/O), and holding
+  // them to the target would only idle it further.
   let pressureUntil = 0;
   let pressureMs = MAX_DELAY_MS;
   function press(until) {

@@ -94,6 +94,9 @@ const CALM: f64 = 0.02;
 /// round of heartbeats, times the share rejected) and decays otherwise.
 const OVERFLOW_GAIN: f64 = 0.5;
 const OVERFLOW_DECAY: f64 = 0.2;
+/// Below this event-loop utilisation a calm worker has room: the overflow
+/// share halves at each such heartbeat.
+const IDLE_ELU: f64 = 0.8;
 /// Smoothing of the share of requests a slot rejects.
 const REJECT_ALPHA: f64 = 0.5;
 /// After shedding, a worker waits this long before it sheds again: long
@@ -254,9 +257,17 @@ impl Balancer {
             .map(|s| s.rejecting)
             .collect();
         let n = self.slots.len().max(1) as f64;
+        // A calm worker whose loop idles a fifth of the time or more could
+        // take what goes to the overflow listener now.
+        let idle = self
+            .slots
+            .iter()
+            .any(|s| s.beats > 0 && s.rejecting < CALM && s.elu_last.is_some_and(|e| e < IDLE_ELU));
         if !live.is_empty() && live.iter().all(|r| *r >= CALM) {
             let mean = live.iter().sum::<f64>() / live.len() as f64;
             self.overflow_share += (1.0 - self.overflow_share) * mean * OVERFLOW_GAIN / n;
+        } else if idle {
+            self.overflow_share /= 2.0;
         } else {
             self.overflow_share *= 1.0 - OVERFLOW_DECAY / n;
         }
@@ -593,6 +604,43 @@ mod tests {
         let b = Balancer::new(BalanceConfig::default(), 2, false);
         let w = b.weights(&[Overloaded, Overloaded], &[]);
         assert_eq!((w.slots.clone(), w.overflow), (vec![1, 1], 0));
+    }
+
+    #[test]
+    fn the_overflow_share_falls_fast_once_a_calm_worker_idles() {
+        let mut b = balancer();
+        let start = Instant::now();
+        let beat = |k: u64, rejected: u64, elu: f64| Beat {
+            elu,
+            interval: None,
+            requests: k * 100,
+            rejected,
+            conns: 10,
+        };
+        let at = |k: u64| start + Duration::from_millis(500 * k);
+        for k in 0..4u64 {
+            for i in 0..2 {
+                b.on_heartbeat(i, at(k), beat(k, if k == 0 { 0 } else { 100 }, 0.99));
+            }
+        }
+        let high = b.overflow_share;
+        assert!(high > 0.5, "{high}");
+        // Calm again (the rejected share is smoothed), both still busy: a
+        // slow decay.
+        for k in 4..12u64 {
+            for i in 0..2 {
+                b.on_heartbeat(i, at(k), beat(k, 0, 0.99));
+            }
+        }
+        let busy = b.overflow_share;
+        assert!(busy > 0.2 && busy < high, "{high} -> {busy}");
+        // One of them idles half the time: halved at each heartbeat.
+        b.on_heartbeat(0, at(12), beat(12, 0, 0.5));
+        assert!(
+            (b.overflow_share - busy / 2.0).abs() < 1e-9,
+            "{busy} -> {}",
+            b.overflow_share
+        );
     }
 
     #[test]

@@ -74,6 +74,31 @@ fn queue_limit(backlog: u32, capacity: Option<f64>, window: Duration) -> u32 {
 
 /// How long an overload episode lasts after the last rejection or stall.
 const PRESSURE_HOLD: Duration = Duration::from_secs(1);
+/// The shortest span over which new connections are counted.
+const ARRIVALS_SPAN: Duration = Duration::from_millis(50);
+
+/// How long connections may wait in an accept queue (see
+/// [`Supervisor::queue_window`]).
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    wait: Duration,
+    /// `[overload] target_delay` within an episode.
+    targeted: bool,
+}
+
+impl Window {
+    /// The window for one slot: a target is at least two turns of the
+    /// slot's loop, so that a worker whose turns are long (an app that
+    /// renders in large synchronous steps) still has one connection to
+    /// accept next, rather than none.
+    fn of(self, queue: &QueueWatch) -> Duration {
+        if self.targeted {
+            self.wait.max(queue.turn.saturating_mul(2))
+        } else {
+            self.wait
+        }
+    }
+}
 
 /// How often the accept queues are sampled (one getsockopt per slot).
 const QUEUE_CHECK: Duration = Duration::from_millis(10);
@@ -224,6 +249,15 @@ impl QueueWatch {
         self.len > 0 && (self.len >= self.limit || turn.saturating_mul(self.len) >= window)
     }
 
+    /// Whether the waiting connections would wait `window` or longer, the
+    /// turn in progress counted.
+    fn waits_longer(&self, now: Instant, window: Duration) -> bool {
+        let turn = self
+            .ping_at
+            .map_or(self.turn, |t| self.turn.max(now.duration_since(t)));
+        self.len > 0 && turn.saturating_mul(self.len) >= window
+    }
+
     fn set(&mut self, stalled: bool) -> bool {
         let changed = stalled != self.stalled;
         if stalled && changed {
@@ -322,10 +356,11 @@ pub struct Supervisor {
     /// Reads the config again, for a reload.
     reloader: Option<Reloader>,
     /// New connections per second into the reuseport group, as measured
-    /// at the overflow listener while it takes most of them.
-    arrivals: Option<f64>,
-    /// The overflow listener's count at the last queue check.
-    overflow_mark: Option<(Instant, u64)>,
+    /// at the overflow listener while it takes a part of them, and when.
+    arrivals: Option<(f64, Instant)>,
+    /// The overflow listener's count and share at the start of the current
+    /// measurement.
+    overflow_mark: Option<(Instant, u64, f64)>,
     /// The end of the current overload episode. It begins when a worker
     /// rejects requests or every accept queue stalls, and lasts while
     /// workers reject, stall or run saturated; within it a stalled queue's
@@ -526,6 +561,7 @@ impl Supervisor {
         // A pong only matters when it starts or ends a stall: pongs come up
         // to twenty times a second per worker while connections wait.
         if let Event::Message(AgentMessage::Pong) = ev.event {
+            let window = window.of(&slot.queue);
             return is_current && slot.queue.pong(now, window);
         }
         if let Event::Exited(status) = ev.event {
@@ -1038,15 +1074,26 @@ impl Supervisor {
     /// How long connections may wait in an accept queue: `[overload]
     /// max_delay`, or 100 ms where that check is off; within an overload
     /// episode, `target_delay` where set.
-    fn queue_window(&self, now: Instant) -> Duration {
+    fn queue_window(&self, now: Instant) -> Window {
         let o = &self.settings.config.overload;
         let target = Some(o.target_delay.get()).filter(|d| !d.is_zero() && o.enabled);
         match target {
-            Some(t) if self.under_pressure(now) => t,
-            _ => Some(o.max_delay.get())
-                .filter(|d| !d.is_zero())
-                .unwrap_or(Duration::from_millis(100)),
+            Some(t) if self.under_pressure(now) => Window {
+                wait: t,
+                targeted: true,
+            },
+            _ => Window {
+                wait: self.max_wait(),
+                targeted: false,
+            },
         }
+    }
+
+    /// `[overload] max_delay`, or 100 ms where that check is off.
+    fn max_wait(&self) -> Duration {
+        Some(self.settings.config.overload.max_delay.get())
+            .filter(|d| !d.is_zero())
+            .unwrap_or(Duration::from_millis(100))
     }
 
     /// Starts or extends an overload episode.
@@ -1067,19 +1114,34 @@ impl Supervisor {
         let window = self.queue_window(now);
         let backlog = self.settings.config.server.backlog;
         let mut changed = false;
-        // What reaches the overflow listener while it has most of the share
-        // says how fast new connections arrive.
+        // What reaches the overflow listener, over its share (the program
+        // splits at random), says how fast new connections arrive: measured
+        // over 50 ms or more while it has a tenth of them or more. An
+        // estimate a second old says nothing of now.
         let count = self.metrics.overflowed();
-        if let Some((at, before)) = self.overflow_mark {
-            let share = self.balancer.attached().map_or(0.0, |w| w.shares().1);
-            let secs = now.duration_since(at).as_secs_f64();
-            if share >= 0.5 && secs > 0.0 {
-                let sample = (count - before) as f64 / secs / share;
-                self.arrivals = Some(self.arrivals.map_or(sample, |a| a + (sample - a) * 0.2));
+        let share = self.balancer.attached().map_or(0.0, |w| w.shares().1);
+        match self.overflow_mark {
+            Some((at, before, was)) if now.duration_since(at) >= ARRIVALS_SPAN => {
+                let over = (share + was) / 2.0;
+                if over >= 0.1 {
+                    let secs = now.duration_since(at).as_secs_f64();
+                    let sample = count.saturating_sub(before) as f64 / secs / over;
+                    let smoothed = self
+                        .arrivals
+                        .map_or(sample, |(a, _)| a + (sample - a) * 0.3);
+                    self.arrivals = Some((smoothed, now));
+                }
+                self.overflow_mark = Some((now, count, share));
             }
+            Some(_) => {}
+            None => self.overflow_mark = Some((now, count, share)),
         }
-        self.overflow_mark = Some((now, count));
+        let arrivals = self
+            .arrivals
+            .filter(|(_, at)| now.duration_since(*at) <= Duration::from_secs(1))
+            .map(|(a, _)| a);
         for slot in self.slots.iter_mut() {
+            let window = window.of(&slot.queue);
             let limit = queue_limit(backlog, self.balancer.capacity(slot.index), window);
             // Watched while the current worker serves: its agent answers.
             let ready = slot
@@ -1094,7 +1156,7 @@ impl Supervisor {
             if ping && let Some(w) = ready {
                 w.send(SupervisorMessage::Ping);
             }
-            let cap = slot.queue.cap(now, window, self.arrivals);
+            let cap = slot.queue.cap(now, window, arrivals);
             // Caps move with every sample; a change of a fifth or more is
             // worth a new look at the weights.
             let moved = match (cap, slot.queue.cap) {
@@ -1126,8 +1188,13 @@ impl Supervisor {
             self.all_stalled_since = None;
         }
         let onset = all_stalled && now.duration_since(since) >= QUEUE_CHECK;
+        // Waits judged against `max_delay`, not the episode's tighter
+        // target: a queue that only misses the target is no sign that the
+        // overload goes on (with long turns it misses it at low load).
+        let max_wait = self.max_wait();
         let busy = self.slots.iter().any(|s| {
-            s.queue.stalled || (s.active && s.accepting() && self.balancer.saturated(s.index))
+            s.queue.waits_longer(now, max_wait)
+                || (s.active && s.accepting() && self.balancer.saturated(s.index))
         });
         if onset || (busy && self.under_pressure(now)) {
             self.press(now);
@@ -1730,6 +1797,48 @@ mod tests {
             (true, false)
         );
         assert!(!q.stalled);
+    }
+
+    #[test]
+    fn within_an_episode_the_window_is_the_target_but_at_least_two_turns() {
+        let t0 = Instant::now();
+        let mut q = QueueWatch::new();
+        let target = Window {
+            wait: Duration::from_millis(20),
+            targeted: true,
+        };
+        let plain = Window {
+            wait: WINDOW,
+            targeted: false,
+        };
+        assert_eq!(target.of(&q), Duration::from_millis(20));
+        // Turns of 40 ms: one waiting connection is taken at the next.
+        q.sample(1, t0, WINDOW, 100);
+        q.pong(t0 + Duration::from_millis(40), WINDOW);
+        assert_eq!(target.of(&q), Duration::from_millis(80));
+        assert_eq!(plain.of(&q), WINDOW);
+        let window = target.of(&q);
+        assert!(!q.sample(1, t0 + Duration::from_millis(50), window, 100).0);
+        assert!(q.sample(2, t0 + Duration::from_millis(60), window, 100).0);
+    }
+
+    #[test]
+    fn an_episode_goes_on_only_while_queues_wait_longer_than_max_delay() {
+        let t0 = Instant::now();
+        let mut q = QueueWatch::new();
+        q.sample(2, t0, WINDOW, 100);
+        q.pong(t0 + Duration::from_millis(40), WINDOW);
+        // Two behind 40 ms turns miss a 20 ms target, not 100 ms.
+        let now = t0 + Duration::from_millis(45);
+        assert!(q.waits_longer(now, Duration::from_millis(20)));
+        assert!(!q.waits_longer(now, WINDOW));
+        // A turn in progress counts: two behind one of 60 ms so far would.
+        let ping = t0 + Duration::from_millis(100);
+        assert_eq!(q.sample(2, ping, WINDOW, 100), (false, true));
+        assert!(q.waits_longer(ping + Duration::from_millis(60), WINDOW));
+        // None waiting: nothing waits at all.
+        q.sample(0, ping + Duration::from_millis(70), WINDOW, 100);
+        assert!(!q.waits_longer(ping + Duration::from_millis(70), Duration::ZERO));
     }
 
     #[test]
