@@ -26,6 +26,7 @@ use std::io::Read;
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 
 use crate::telemetry::metrics::Metrics;
 
@@ -51,17 +52,21 @@ fn response(retry_after_secs: u64) -> Vec<u8> {
 /// this much later.
 const BATCH: Duration = Duration::from_millis(2);
 
-/// Serves 503s on `listener` until the runtime ends.
+/// Serves 503s on `listener` until the runtime ends. `retry_after_secs`:
+/// `[overload] retry_after`, which a reload may change.
 pub async fn serve(
     listener: std::net::TcpListener,
-    retry_after_secs: u64,
+    mut retry_after_secs: watch::Receiver<u64>,
     metrics: Arc<Metrics>,
 ) -> std::io::Result<()> {
-    let answer: Arc<[u8]> = response(retry_after_secs).into();
+    let mut answer: Arc<[u8]> = response(*retry_after_secs.borrow_and_update()).into();
     listener.set_nonblocking(true)?;
-    let listener = watch(listener)?;
+    let listener = watch_fd(listener)?;
     loop {
         let mut ready = listener.readable().await?;
+        if retry_after_secs.has_changed().unwrap_or(false) {
+            answer = response(*retry_after_secs.borrow_and_update()).into();
+        }
         let mut rest = BATCH;
         loop {
             let stream = match ready.get_inner().accept() {
@@ -108,7 +113,7 @@ pub async fn serve(
 
 /// Registers the listener with the runtime, to wait for connections and
 /// take them with plain `accept` calls (no registration per connection).
-fn watch(listener: std::net::TcpListener) -> std::io::Result<AsyncFd<std::net::TcpListener>> {
+fn watch_fd(listener: std::net::TcpListener) -> std::io::Result<AsyncFd<std::net::TcpListener>> {
     // SAFETY: the AsyncFd owns the listener, so its file descriptor stays
     // open, and the same one, for as long as the AsyncFd lives.
     unsafe { AsyncFd::register(listener) }.map_err(std::io::Error::from)

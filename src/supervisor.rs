@@ -354,7 +354,7 @@ pub struct Supervisor {
     /// Commands from the admin API.
     admin: Option<mpsc::UnboundedReceiver<AdminCommand>>,
     /// Reads the config again, for a reload.
-    reloader: Option<Reloader>,
+    reloader: Option<(Reloader, Applied)>,
     /// New connections per second into the reuseport group, as measured
     /// at the overflow listener while it takes a part of them, and when.
     arrivals: Option<(f64, Instant)>,
@@ -379,6 +379,10 @@ pub struct Supervisor {
 
 /// Resolves the settings again from the same files and flags.
 pub type Reloader = Box<dyn Fn() -> Result<Settings, Error>>;
+
+/// Told of the settings a reload applied (what the admin API and the
+/// overflow listener serve from).
+pub type Applied = Box<dyn Fn(&Settings)>;
 
 /// How the run ended.
 pub enum Outcome {
@@ -441,14 +445,16 @@ impl Supervisor {
         }
     }
 
-    /// Takes commands from the admin API; `reloader` reads the config again.
+    /// Takes commands from the admin API; `reloader` reads the config again,
+    /// `applied` hears of what a reload applied.
     pub fn set_admin(
         &mut self,
         commands: mpsc::UnboundedReceiver<AdminCommand>,
         reloader: Reloader,
+        applied: Applied,
     ) {
         self.admin = Some(commands);
-        self.reloader = Some(reloader);
+        self.reloader = Some((reloader, applied));
     }
 
     /// Exports the agents' spans through `traces`.
@@ -1352,7 +1358,7 @@ impl Supervisor {
         if self.shutting_down {
             return Err("the runtime is shutting down".into());
         }
-        let Some(reloader) = &self.reloader else {
+        let Some((reloader, _)) = &self.reloader else {
             return Err("this runtime cannot reload".into());
         };
         let new = reloader().map_err(|e| match e.hint() {
@@ -1449,6 +1455,9 @@ impl Supervisor {
         self.balancer.set_config(new.config.balance.clone());
         self.settings = new;
         self.command = command;
+        if let Some((_, applied)) = &self.reloader {
+            applied(&self.settings);
+        }
         if to > from {
             for index in 0..to {
                 if index >= self.slots.len() {

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -68,6 +68,17 @@ impl Runtime {
             .join(self.ampere.child.id().to_string())
             .join("admin.sock")
     }
+}
+
+/// GETs `path` from the admin API over its socket, as JSON.
+fn admin_get(socket: &Path, path: &str) -> serde_json::Value {
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nhost: ampere\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{path}: {e}: {out}"))
 }
 
 fn stdout(a: &assert_cmd::assert::Assert) -> String {
@@ -267,6 +278,9 @@ fn reload_adds_a_worker_without_touching_the_others_and_refuses_a_bad_config() {
     std::fs::write(&rt.config.path, text.replace("workers = 2", "workers = 3")).unwrap();
     let out = stdout(&rt.cli(&["reload"]).success());
     assert!(out.contains("workers 2 -> 3"), "{out}");
+    // The admin API serves the config now in effect.
+    let config = admin_get(&rt.socket(), "/v1/config");
+    assert_eq!(config["server"]["workers"], 3, "{config}");
     wait_until(READY, "3 ready workers", || {
         rt.workers()
             .iter()

@@ -18,7 +18,7 @@ use axum::routing::{get, post};
 use axum::{Json, serve::Listener};
 use serde::Deserialize;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{Command, InjectRequest, InjectResponse, RuntimeInfo, SOCKET, WorkerStatus};
 use crate::error::Error;
@@ -31,8 +31,8 @@ pub struct Admin {
     pub started: Instant,
     pub metrics: Arc<Metrics>,
     pub tap: Arc<Tap>,
-    /// The effective config, with secrets redacted.
-    pub config: serde_json::Value,
+    /// The effective config, with secrets redacted (a reload replaces it).
+    pub config: watch::Receiver<serde_json::Value>,
     pub commands: mpsc::UnboundedSender<Command>,
     /// Where `inject` connects: the service's address.
     pub service_addr: SocketAddr,
@@ -165,7 +165,7 @@ async fn metrics(State(a): State<Arc<Admin>>) -> Response {
 }
 
 async fn config(State(a): State<Arc<Admin>>) -> Json<serde_json::Value> {
-    Json(a.config.clone())
+    Json(a.config.borrow().clone())
 }
 
 #[derive(Deserialize)]

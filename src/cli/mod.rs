@@ -188,6 +188,13 @@ fn start(args: &StartArgs) -> Result<ExitCode> {
         None
     };
     let retry_after = config.overload.retry_after.get().as_secs();
+    // What a reload changes for the admin API and the overflow listener.
+    let (config_tx, config_rx) = tokio::sync::watch::channel(redacted(&settings.config));
+    let (retry_tx, retry_rx) = tokio::sync::watch::channel(retry_after);
+    let applied = Box::new(move |s: &config::Settings| {
+        config_tx.send_replace(redacted(&s.config));
+        retry_tx.send_replace(s.config.overload.retry_after.get().as_secs());
+    });
     let probes = ProbeState::new();
     let metrics = Arc::new(Metrics::new());
     let metrics_for_overflow = metrics.clone();
@@ -198,7 +205,7 @@ fn start(args: &StartArgs) -> Result<ExitCode> {
         started: std::time::Instant::now(),
         metrics: metrics.clone(),
         tap: logs.tap(),
-        config: redacted(&settings.config),
+        config: config_rx,
         commands: admin_tx,
         service_addr: settings.addr,
     });
@@ -220,7 +227,7 @@ fn start(args: &StartArgs) -> Result<ExitCode> {
                 }
             });
         }
-        supervisor.set_admin(admin_rx, reloader);
+        supervisor.set_admin(admin_rx, reloader, applied);
         tokio::spawn(async move {
             if let Err(e) = admin::server::serve(admin_listener, admin_state).await {
                 tracing::error!(error = %e, "the admin API stopped");
@@ -233,7 +240,7 @@ fn start(args: &StartArgs) -> Result<ExitCode> {
         if let Some(listener) = overflow {
             let metrics = metrics_for_overflow;
             tokio::spawn(async move {
-                if let Err(e) = overflow::serve(listener, retry_after, metrics).await {
+                if let Err(e) = overflow::serve(listener, retry_rx, metrics).await {
                     tracing::error!(error = %e, "the overflow listener stopped");
                 }
             });
