@@ -368,15 +368,10 @@ function start() {
     shed++;
   }
 
-  let pongElu = performance.eventLoopUtilization();
   function onMessage(msg) {
     if (msg.type === 'drain') drain(msg.urgent === true);
     else if (msg.type === 'shed') shedLeft = Math.max(0, Number(msg.connections) || 0);
-    else if (msg.type === 'ping') {
-      const e = performance.eventLoopUtilization(pongElu);
-      pongElu = performance.eventLoopUtilization();
-      send({ type: 'pong', elu: e.utilization });
-    }
+    else if (msg.type === 'ping') send({ type: 'pong' });
     else if (msg.type === 'pressure') {
       if (msg.on === true) press(Infinity);
       else pressureUntil = 0;
