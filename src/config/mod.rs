@@ -236,9 +236,10 @@ pub struct OverloadConfig {
     pub max_delay: Duration,
     /// Once the service is overloaded (some requests already get 503: an
     /// overload episode), the wait that queues are kept to instead of
-    /// `max_delay`: behind the requests in flight in a worker (never below
-    /// two requests' measured cost), and, with `[balance] load_aware`, in
-    /// a worker's accept queue. Beyond it a standing queue adds latency
+    /// `max_delay`: behind the requests in flight in a worker whose event
+    /// loop is saturated (never below two requests' measured cost), and,
+    /// with `[balance] load_aware`, in a worker's accept queue (never below
+    /// two turns of its loop). Beyond it a standing queue adds latency
     /// without adding throughput. 0s: `max_delay` throughout.
     pub target_delay: Duration,
     /// The `Retry-After` of the 503s.
