@@ -7,7 +7,9 @@ bench/apps/next: a Next.js App Router page rendered on every request), with
 2 workers per setup and the same Node.js for all:
 
 1. capacity: ampere without protection, closed loop, keep-alive, the
-   highest throughput of a short run;
+   throughput of a short run, measured again at the start of every round
+   (the machine's speed drifts over a run of this length: each round's
+   rates and shares of capacity come from its own measure);
 2. for each rate in --factors (default 0.5, 1, 1.5, 2) times capacity, each
    setup in turn (interleaved, order alternating per round, --rounds
    rounds): a warm-up, then oha at that constant arrival rate with latency
@@ -245,17 +247,18 @@ def main():
     runs, capacities = [], {}
     for app_name in apps:
         path = APPS[app_name]["path"]
-        with tempfile.TemporaryDirectory(prefix="ampere-overload-") as tmp:
-            port = free_port()
-            running = start("ampere-off", Path(tmp), node, port, ampere, app_name)
-            try:
-                wait_http(port, 60)
-                capacities[app_name] = capacity(oha_bin, port, path)
-            finally:
-                running.stop()
-        cap = capacities[app_name]
-        print(f"{app_name}: capacity {cap:.0f} req/s", file=sys.stderr)
+        capacities[app_name] = []
         for rnd in range(args.rounds):
+            with tempfile.TemporaryDirectory(prefix="ampere-overload-") as tmp:
+                port = free_port()
+                running = start("ampere-off", Path(tmp), node, port, ampere, app_name)
+                try:
+                    wait_http(port, 60)
+                    cap = capacity(oha_bin, port, path)
+                finally:
+                    running.stop()
+            capacities[app_name].append(cap)
+            print(f"{app_name} round {rnd}: capacity {cap:.0f} req/s", file=sys.stderr)
             for factor in factors:
                 rate = max(1, round(cap * factor))
                 for setup in (setups if rnd % 2 == 0 else setups[::-1]):
@@ -271,7 +274,8 @@ def main():
                             m["syn_drops"] = listen_drops() - drops
                         finally:
                             running.stop()
-                    m.update(app=app_name, setup=setup, factor=factor, rate=rate, round=rnd)
+                    m.update(app=app_name, setup=setup, factor=factor, rate=rate, round=rnd,
+                             capacity=cap, capacity_share=m["goodput"] / cap)
                     runs.append(m)
                     fmt = lambda v: "-" if v is None else f"{v:.1f}"
                     print(f"{app_name} round {rnd} x{factor} {setup:10} goodput {m['goodput']:7.0f}/s"
@@ -279,7 +283,7 @@ def main():
                           f" (p99 {fmt(m['rejected_p99_ms'])} ms)  errors {m['error_share']:.1%}  SYN drops {m['syn_drops']}",
                           file=sys.stderr)
 
-    keys = ["goodput", "p50_ms", "p99_ms", "rejected_share", "rejected_p99_ms", "error_share", "syn_drops"]
+    keys = ["goodput", "capacity_share", "p50_ms", "p99_ms", "rejected_share", "rejected_p99_ms", "error_share", "syn_drops"]
     summary = {}
     for app_name in apps:
         for factor in factors:
@@ -298,8 +302,9 @@ def main():
         f"{args.duration} s per run after a {args.warmup} s warm-up; {args.rounds} interleaved rounds. "
         f"Load average before: {meta['loadavg_before'][0]:.2f}.",
         "",
-        "Capacity (ampere-off, closed loop, keep-alive, 50 connections): "
-        + ", ".join(f"{a} {c:.0f} req/s" for a, c in capacities.items()) + ".",
+        "Capacity (ampere-off, closed loop, keep-alive, 50 connections), measured at the start of each round; "
+        "each round's rates and shares of capacity use its own: "
+        + "; ".join(f"{a} " + ", ".join(f"{c:.0f}" for c in cs) + " req/s" for a, cs in capacities.items()) + ".",
         "",
         "Medians (min..max). Goodput = 200s per second; p50/p99 of the 200s; 503 = share of responses that "
         "were 503 (and their p99); errors = timeouts, resets, other statuses; SYN drops = connections the "
@@ -313,7 +318,7 @@ def main():
             for setup in setups:
                 s = summary[f"{app_name}/{factor}/{setup}"]
                 good = s["goodput"]
-                pct = f"{good['median'] / capacities[app_name] * 100:.0f}%" if good else "-"
+                pct = med(s["capacity_share"], 0, 100)
                 lines.append(f"| {app_name} | {factor}x | {setup} | {med(good, 0)} | {pct} | {med(s['p50_ms'], 1)} | "
                              f"{med(s['p99_ms'], 1)} | {med(s['rejected_share'], 1, 100)} | "
                              f"{med(s['rejected_p99_ms'], 1)} | {med(s['error_share'], 1, 100)} | {med(s['syn_drops'], 0)} |")
