@@ -40,6 +40,9 @@ const LAG_TICK_MS = 10;
 // ends it, or 1 s after this worker's last rejection.
 const TARGET_DELAY_MS = Number(process.env.AMPERE_TARGET_DELAY_MS) || MAX_DELAY_MS;
 const PRESSURE_HOLD_MS = 1000;
+// How often the supervisor hears that this worker still rejects (its
+// OVERLOADED_HOLD is a little longer).
+const OVERLOAD_REPORT_MS = 100;
 // The event-loop utilisation (over 100 ms) from which the loop counts as
 // saturated; AMPERE_SATURATED_ELU is for tests.
 const SATURATED_ELU = Number(process.env.AMPERE_SATURATED_ELU ?? 0.9);
@@ -175,8 +178,12 @@ function start() {
         const bound = now < pressureUntil && saturated ? pressureMs : MAX_DELAY_MS;
         if (MAX_DELAY_MS !== 0 && (lag > MAX_DELAY_MS || now - lastTick > LATE_MS || inflight * costMs > bound)) {
           if (warm) {
-            press(now + PRESSURE_HOLD_MS);
-            reject(res, 'delay');
+            // Beyond max_delay is overload: it starts or extends an episode.
+            // Missing only the episode's target must not extend it, or the
+            // tighter bound would keep the episode going by itself.
+            const beyond = lag > MAX_DELAY_MS || now - lastTick > LATE_MS || inflight * costMs > MAX_DELAY_MS;
+            if (beyond) press(now + PRESSURE_HOLD_MS);
+            reject(res, 'delay', beyond);
             return;
           }
           // Start-up lateness: forget it once the first request is in.
@@ -275,22 +282,32 @@ function start() {
     }
   }
   let rejected = { inflight: 0, delay: 0 };
-  // The supervisor hears of overload at once (to steer new connections
-  // elsewhere), and that it ended with the next heartbeat without rejections.
-  let overloadSent = false;
-  function reject(res, reason) {
+  // The supervisor hears of overload at once, to steer new connections
+  // elsewhere, and again every OVERLOAD_REPORT_MS while it goes on, until
+  // the next heartbeat: each report steers all of this worker's share away
+  // for a moment, so a short burst costs a moment's share. A heartbeat
+  // that counts rejections takes over (the supervisor steers away the
+  // share rejected); reports start again after one that counts none.
+  let reporting = true;
+  let overloadSentAt = -Infinity;
+  let overloadSentBeyond = false;
+  function reject(res, reason, beyondMax = true) {
     rejected[reason]++;
-    if (!overloadSent) {
-      overloadSent = true;
-      send({ type: 'overloaded', reason });
+    if (reporting) {
+      const now = performance.now();
+      if (now - overloadSentAt >= OVERLOAD_REPORT_MS || (beyondMax && !overloadSentBeyond)) {
+        overloadSentAt = now;
+        overloadSentBeyond = beyondMax;
+        send({ type: 'overloaded', reason, beyond_max: beyondMax });
+      }
     }
     res.writeHead(503, { 'retry-after': RETRY_AFTER, connection: 'close', 'content-type': 'text/plain' });
     res.end('overloaded\n');
   }
-  let rejectedLast = 0;
   function takeRejected() {
     const out = rejected;
-    rejectedLast = out.inflight + out.delay;
+    reporting = out.inflight + out.delay === 0;
+    overloadSentAt = -Infinity;
     rejected = { inflight: 0, delay: 0 };
     return out;
   }
@@ -444,7 +461,6 @@ function start() {
     // An order not carried out by the next heartbeat is stale: the
     // supervisor sends a new one if the imbalance remains.
     shedLeft = 0;
-    if (overloadSent && rejectedLast === 0) overloadSent = false;
     delay.reset();
     if (TRACING) flushSpans();
     const high = heap.used_heap_size > heapLimit / 2;

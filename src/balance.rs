@@ -26,9 +26,9 @@ use crate::config::BalanceConfig;
 pub enum Availability {
     /// A ready worker that is not rejecting requests.
     Accepting,
-    /// A ready worker whose agent just said it started rejecting (the next
-    /// heartbeat says how much, and ends this), or whose accept queue
-    /// stalls while it rejects requests.
+    /// A ready worker whose agent said it rejects requests, within the last
+    /// 250 ms and since its last heartbeat (which says how much, and ends
+    /// this), or whose accept queue stalls in an overload episode.
     Overloaded,
     /// A ready worker whose accept queue stalls (connections would wait
     /// long for it) while it rejects nothing: its share goes to calm
@@ -380,7 +380,19 @@ impl Balancer {
                 kept[*k] += spilled * kept[*k] / calm_total;
             }
         } else if self.overflow {
-            overflow = spilled;
+            // With no calm slot, only what is rejected right now (by the
+            // agent's word, or at a stalled queue in an episode) goes to
+            // the overflow listener. The share the heartbeats measured is
+            // the integrator's to learn (`overflow_share`, below): spilling
+            // it as well answered 503s for seconds after a burst that the
+            // workers had already got over.
+            for (k, i) in ready.iter().enumerate() {
+                if avail[*i] == Availability::Overloaded {
+                    overflow += shares[k];
+                } else {
+                    kept[k] = shares[k];
+                }
+            }
         }
         // What the integrator learnt the workers cannot take, on top.
         if self.overflow && self.overflow_share > overflow {
@@ -593,6 +605,16 @@ mod tests {
         let w = b.weights(&[Overloaded, Overloaded], &[]);
         let (shares, overflow) = w.shares();
         assert!(overflow > 0.85, "{shares:?} {overflow}");
+        // Measured, but neither says it rejects right now: the overflow
+        // listener gets what the integrator learnt, not the measured share
+        // on top (that answered 503s for seconds after a short burst).
+        let w = b.weights(&[Accepting, Accepting], &[]);
+        let (shares, overflow) = w.shares();
+        assert!(
+            (overflow - b.overflow_share).abs() < 1e-3 && overflow < 0.85,
+            "{shares:?} {overflow} {}",
+            b.overflow_share
+        );
         assert_eq!(b.weights(&[Unavailable, Unavailable], &[]).overflow, 0);
         // Nothing ready: queue only where a worker is coming.
         let w = b.weights(&[Unavailable, Inactive], &[]);

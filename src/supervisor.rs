@@ -74,6 +74,11 @@ fn queue_limit(backlog: u32, capacity: Option<f64>, window: Duration) -> u32 {
 
 /// How long an overload episode lasts after the last rejection or stall.
 const PRESSURE_HOLD: Duration = Duration::from_secs(1);
+/// How long a worker's report that it rejects requests steers all of its
+/// share away: a little longer than the agent's 100 ms between reports, so
+/// that a worker that keeps rejecting stays steered away, and one that
+/// rejected a short burst gets its share back after a moment.
+const OVERLOADED_HOLD: Duration = Duration::from_millis(250);
 /// The shortest span over which new connections are counted.
 const ARRIVALS_SPAN: Duration = Duration::from_millis(50);
 
@@ -121,9 +126,10 @@ struct Slot {
     rejected: Rejected,
     /// For the log: whether the last heartbeat reported rejections.
     overloaded: bool,
-    /// For steering: the current worker said it started rejecting, and no
-    /// heartbeat of its own has said how much since.
-    rejecting_now: bool,
+    /// For steering: when the current worker last said that it rejects
+    /// requests (it says so every 100 ms while it does, until its next
+    /// heartbeat, which ends this and says how much).
+    rejecting_now: Option<Instant>,
     /// Keep-alive connections closed in this slot to rebalance.
     rebalanced: u64,
     /// Restarts and replacements in this slot.
@@ -280,7 +286,7 @@ impl Slot {
             http: BTreeMap::new(),
             rejected: Rejected::default(),
             overloaded: false,
-            rejecting_now: false,
+            rejecting_now: None,
             rebalanced: 0,
             restarts: 0,
             active: true,
@@ -315,7 +321,7 @@ impl Slot {
         }
         if !self.accepting() {
             Availability::Unavailable
-        } else if self.rejecting_now || (self.queue.stalled && pressure) {
+        } else if self.rejecting_now.is_some() || (self.queue.stalled && pressure) {
             Availability::Overloaded
         } else if self.queue.stalled {
             Availability::Stalled
@@ -573,7 +579,7 @@ impl Supervisor {
         if let Event::Exited(status) = ev.event {
             if is_current {
                 let w = slot.worker.take().expect("checked above");
-                slot.rejecting_now = false;
+                slot.rejecting_now = None;
                 self.balancer.reset(index);
                 self.on_exit(index, w, status);
             } else if let Some(i) = retiring {
@@ -644,7 +650,7 @@ impl Supervisor {
                 rejected = Some((hb.rejected, hb.inflight, hb.delay_p99_ms));
                 slot.rebalanced += hb.shed;
                 if retiring.is_none() {
-                    slot.rejecting_now = false;
+                    slot.rejecting_now = None;
                     let beat = Beat {
                         elu: hb.elu,
                         interval: (hb.interval_ms > 0.0)
@@ -689,9 +695,9 @@ impl Supervisor {
                 w.signal(Signal::SIGTERM);
                 Action::None
             }
-            Event::Message(AgentMessage::Overloaded { reason }) => {
+            Event::Message(AgentMessage::Overloaded { reason, beyond_max }) => {
                 if retiring.is_none() {
-                    overloaded = Some(reason);
+                    overloaded = Some((reason, beyond_max));
                 }
                 Action::None
             }
@@ -707,8 +713,8 @@ impl Supervisor {
         if let Some((r, inflight, delay_p99_ms)) = rejected {
             self.on_rejections(index, r, inflight, delay_p99_ms);
         }
-        if let Some(reason) = overloaded {
-            self.on_overloaded(index, &reason);
+        if let Some((reason, beyond_max)) = overloaded {
+            self.on_overloaded(index, &reason, beyond_max);
         }
         // Request durations add up per slot, across the processes in it.
         let slot_http = &mut self.slots[index].http;
@@ -1147,6 +1153,13 @@ impl Supervisor {
             .filter(|(_, at)| now.duration_since(*at) <= Duration::from_secs(1))
             .map(|(a, _)| a);
         for slot in self.slots.iter_mut() {
+            if slot
+                .rejecting_now
+                .is_some_and(|t| now.duration_since(t) >= OVERLOADED_HOLD)
+            {
+                slot.rejecting_now = None;
+                changed = true;
+            }
             let window = window.of(&slot.queue);
             let limit = queue_limit(backlog, self.balancer.capacity(slot.index), window);
             // Watched while the current worker serves: its agent answers.
@@ -1219,13 +1232,19 @@ impl Supervisor {
         changed
     }
 
-    /// The current worker's agent says it started rejecting: steer new
-    /// connections away now, not at the next heartbeat (which says how much
-    /// it rejects, and ends this).
-    fn on_overloaded(&mut self, index: usize, reason: &str) {
-        self.press(Instant::now());
+    /// The current worker's agent says it rejects requests: steer new
+    /// connections away now, not at the next heartbeat, until
+    /// `OVERLOADED_HOLD` after its last such report or that heartbeat,
+    /// whichever comes first (the heartbeats' counts steer the rest). Requests that would wait beyond `max_delay` start or
+    /// extend an overload episode; those rejected only to hold an episode's
+    /// queues to `target_delay` do not, or an episode would feed itself.
+    fn on_overloaded(&mut self, index: usize, reason: &str, beyond_max: bool) {
+        let now = Instant::now();
+        if beyond_max {
+            self.press(now);
+        }
         let slot = &mut self.slots[index];
-        slot.rejecting_now = true;
+        slot.rejecting_now = Some(now);
         if !slot.overloaded {
             slot.overloaded = true;
             warn!(

@@ -204,6 +204,8 @@ test('requests that would wait longer than max_delay behind those in flight are 
     const ok = statuses.filter((s) => s === 200).length;
     assert.ok(ok >= 4 && ok <= 8, `${statuses}`);
     assert.strictEqual(ok + statuses.filter((s) => s === 503).length, 12, `${statuses}`);
+    // Beyond max_delay: overload, which starts an episode.
+    assert.strictEqual((await w.next('overloaded')).beyond_max, true);
   } finally {
     w.child.kill('SIGKILL');
   }
@@ -236,6 +238,9 @@ test('within an overload episode the wait behind requests in flight is held to t
     await tell({ type: 'pressure', on: true });
     const during = await burst();
     assert.ok(during >= 1 && during <= 3, `${during} let in`);
+    // Rejected to hold the target only (three in flight wait 60 ms): that
+    // must not extend the episode.
+    assert.strictEqual((await w.next('overloaded')).beyond_max, false);
     await tell({ type: 'pressure', on: false });
     const after = await burst();
     assert.ok(after >= 4, `${after} let in`);

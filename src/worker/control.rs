@@ -23,11 +23,18 @@ pub enum AgentMessage {
     Heartbeat(Heartbeat),
     /// The worker stopped accepting and its last connection closed.
     Drained,
-    /// The agent started answering 503 (the next heartbeat with no
-    /// rejections says it stopped).
+    /// The agent answers 503: sent at the first rejection and every 100 ms
+    /// while they go on, until the next heartbeat; again after a heartbeat
+    /// that counted none.
     Overloaded {
         #[serde(default)]
         reason: String,
+        /// Whether requests would wait longer than `max_delay` (or past
+        /// `max_inflight`): overload. False when they are rejected only
+        /// because an episode holds queues to `target_delay`, which must
+        /// not make the episode last longer.
+        #[serde(default = "yes")]
+        beyond_max: bool,
     },
     /// Server spans of finished requests, batched.
     Spans {
@@ -149,6 +156,11 @@ pub enum SupervisorMessage {
     Pressure { on: bool },
 }
 
+/// Serde's default for flags that older agents leave out.
+fn yes() -> bool {
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,6 +173,25 @@ mod tests {
         let m: AgentMessage =
             serde_json::from_str(r#"{"type":"heartbeat","elu":0.5,"rss":10}"#).unwrap();
         assert!(matches!(m, AgentMessage::Heartbeat(h) if h.rss == 10));
+        let m: AgentMessage =
+            serde_json::from_str(r#"{"type":"overloaded","reason":"delay"}"#).unwrap();
+        assert!(matches!(
+            m,
+            AgentMessage::Overloaded {
+                beyond_max: true,
+                ..
+            }
+        ));
+        let m: AgentMessage =
+            serde_json::from_str(r#"{"type":"overloaded","reason":"delay","beyond_max":false}"#)
+                .unwrap();
+        assert!(matches!(
+            m,
+            AgentMessage::Overloaded {
+                beyond_max: false,
+                ..
+            }
+        ));
         let m: AgentMessage = serde_json::from_str(r#"{"type":"future"}"#).unwrap();
         assert!(matches!(m, AgentMessage::Unknown));
         assert_eq!(
