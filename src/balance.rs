@@ -250,10 +250,12 @@ impl Balancer {
         if !self.overflow {
             return;
         }
+        // A new worker's first heartbeats say little: it rejects while its
+        // app still compiles, which no share for the overflow would fix.
         let live: Vec<f64> = self
             .slots
             .iter()
-            .filter(|s| s.beats > 0)
+            .filter(|s| s.beats > WARM_UP_BEATS)
             .map(|s| s.rejecting)
             .collect();
         let n = self.slots.len().max(1) as f64;
@@ -663,6 +665,25 @@ mod tests {
             "{busy} -> {}",
             b.overflow_share
         );
+    }
+
+    #[test]
+    fn rejections_while_new_workers_start_build_no_overflow_share() {
+        let mut b = balancer();
+        let start = Instant::now();
+        for k in 0..WARM_UP_BEATS as u64 {
+            for i in 0..2 {
+                let beat = Beat {
+                    elu: 0.99,
+                    interval: None,
+                    requests: (k + 1) * 100,
+                    rejected: 100,
+                    conns: 10,
+                };
+                b.on_heartbeat(i, start + Duration::from_millis(500 * k), beat);
+            }
+        }
+        assert_eq!(b.overflow_share, 0.0);
     }
 
     #[test]
