@@ -1235,9 +1235,10 @@ impl Supervisor {
     /// The current worker's agent says it rejects requests: steer new
     /// connections away now, not at the next heartbeat, until
     /// `OVERLOADED_HOLD` after its last such report or that heartbeat,
-    /// whichever comes first (the heartbeats' counts steer the rest). Requests that would wait beyond `max_delay` start or
-    /// extend an overload episode; those rejected only to hold an episode's
-    /// queues to `target_delay` do not, or an episode would feed itself.
+    /// whichever comes first (the heartbeats' counts steer the rest).
+    /// Requests that would wait beyond `max_delay` start or extend an
+    /// overload episode; those rejected only to hold an episode's queues to
+    /// `target_delay` do not, or an episode would feed itself.
     fn on_overloaded(&mut self, index: usize, reason: &str, beyond_max: bool) {
         let now = Instant::now();
         if beyond_max {
