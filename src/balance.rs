@@ -74,7 +74,7 @@ const HYSTERESIS: u32 = 300;
 /// Below this event-loop utilisation a sample says little about capacity,
 /// and a service is too idle to rebalance.
 const MIN_ELU: f64 = 0.05;
-/// Event-loop utilisation at which a worker counts as saturated: under
+/// How busy a loop must be ([`Beat::busy`]) to count as saturated: under
 /// overload it gets no new connections (its keep-alive clients keep it busy;
 /// a new connection would only queue behind them).
 const SATURATED_ELU: f64 = 0.95;
@@ -94,7 +94,7 @@ const CALM: f64 = 0.02;
 /// round of heartbeats, times the share rejected) and decays otherwise.
 const OVERFLOW_GAIN: f64 = 0.5;
 const OVERFLOW_DECAY: f64 = 0.2;
-/// Below this event-loop utilisation a calm worker has room: the overflow
+/// Below this busyness ([`Beat::busy`]) a calm worker has room: the overflow
 /// share halves at each such heartbeat.
 const IDLE_ELU: f64 = 0.8;
 /// Smoothing of the share of requests a slot rejects.
@@ -107,8 +107,10 @@ const SHED_COOLDOWN: Duration = Duration::from_secs(2);
 struct SlotLoad {
     /// Smoothed event-loop utilisation.
     elu: Option<f64>,
-    /// The utilisation the last heartbeat reported.
-    elu_last: Option<f64>,
+    /// How busy the loop was over the last heartbeat's interval: its
+    /// utilisation, or its thread's CPU demand where that is higher (see
+    /// [`Beat::busy`]).
+    busy_last: Option<f64>,
     /// Smoothed requests per second per unit of utilisation.
     capacity: Option<f64>,
     /// The previous heartbeat: when, and the request counter then.
@@ -128,6 +130,9 @@ struct SlotLoad {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Beat {
     pub elu: f64,
+    /// The share of the time the worker's main thread ran or waited to run
+    /// since its previous heartbeat, where the kernel says.
+    pub demand: Option<f64>,
     /// The interval the utilisation was measured on.
     pub interval: Option<Duration>,
     /// Requests since the worker started (rejected ones included).
@@ -138,6 +143,14 @@ pub struct Beat {
 }
 
 impl Beat {
+    /// How busy the loop was: its utilisation, or the CPU demand of its
+    /// thread where that is higher. Workers that share a CPU count the time
+    /// they wait for it, with their events ready, as idle; they are as
+    /// saturated as a loop that never idles, and have no room to offer.
+    fn busy(&self) -> f64 {
+        self.demand.map_or(self.elu, |d| d.max(self.elu))
+    }
+
     /// The seconds this heartbeat covers: the interval the agent measured
     /// on, or else the time since the previous heartbeat (`at`).
     fn seconds(&self, at: Instant, now: Instant) -> f64 {
@@ -200,7 +213,7 @@ impl Balancer {
         };
         s.beats += 1;
         s.conns = beat.conns;
-        s.elu_last = Some(beat.elu);
+        s.busy_last = Some(beat.busy());
         if let Some((at, before)) = s.last {
             let dt = beat.seconds(at, now);
             if dt > 0.0 {
@@ -261,10 +274,9 @@ impl Balancer {
         let n = self.slots.len().max(1) as f64;
         // A calm worker whose loop idles a fifth of the time or more could
         // take what goes to the overflow listener now.
-        let idle = self
-            .slots
-            .iter()
-            .any(|s| s.beats > 0 && s.rejecting < CALM && s.elu_last.is_some_and(|e| e < IDLE_ELU));
+        let idle = self.slots.iter().any(|s| {
+            s.beats > 0 && s.rejecting < CALM && s.busy_last.is_some_and(|e| e < IDLE_ELU)
+        });
         if !live.is_empty() && live.iter().all(|r| *r >= CALM) {
             let mean = live.iter().sum::<f64>() / live.len() as f64;
             self.overflow_share += (1.0 - self.overflow_share) * mean * OVERFLOW_GAIN / n;
@@ -285,11 +297,12 @@ impl Balancer {
     }
 
     /// Whether the current worker's event loop had no idle time over its
-    /// last heartbeat's interval: it has all the work it can do.
+    /// last heartbeat's interval (or its thread waited for the CPU when it
+    /// idled): it has all the work it can do.
     pub fn saturated(&self, slot: usize) -> bool {
         self.slots
             .get(slot)
-            .and_then(|s| s.elu_last)
+            .and_then(|s| s.busy_last)
             .is_some_and(|elu| elu >= SATURATED_ELU)
     }
 
@@ -538,6 +551,7 @@ mod tests {
                 let requests = (rate * 0.5 * f64::from(k)) as u64;
                 let beat = Beat {
                     elu: *elu,
+                    demand: None,
                     interval: None,
                     requests,
                     rejected: 0,
@@ -596,6 +610,7 @@ mod tests {
             for i in 0..2 {
                 let beat = Beat {
                     elu: 0.9,
+                    demand: None,
                     interval: None,
                     requests: k * 100,
                     rejected: if k == 0 { 0 } else { 100 },
@@ -636,6 +651,7 @@ mod tests {
         let start = Instant::now();
         let beat = |k: u64, rejected: u64, elu: f64| Beat {
             elu,
+            demand: None,
             interval: None,
             requests: k * 100,
             rejected,
@@ -667,6 +683,44 @@ mod tests {
         );
     }
 
+    /// Two workers on one CPU at twice its capacity, as measured: each loop
+    /// idles a quarter of the time, waiting for the CPU with its events
+    /// ready. It has no room: it counts as saturated, and when the workers
+    /// have stopped rejecting for a moment, the overflow share decays
+    /// slowly rather than halving at each heartbeat.
+    #[test]
+    fn a_loop_that_waits_for_its_cpu_has_no_room() {
+        let beat = |k: u64, rejected: u64, demand: Option<f64>| Beat {
+            elu: 0.75,
+            demand,
+            interval: None,
+            requests: k * 100,
+            rejected,
+            conns: 10,
+        };
+        let at = |k: u64| Instant::now() + Duration::from_millis(500 * k);
+        let mut shares = Vec::new();
+        for demand in [Some(0.97), None] {
+            let mut b = balancer();
+            for k in 0..4u64 {
+                for i in 0..2 {
+                    b.on_heartbeat(i, at(k), beat(k, if k == 0 { 0 } else { 100 }, demand));
+                }
+            }
+            let high = b.overflow_share;
+            for k in 4..12u64 {
+                for i in 0..2 {
+                    b.on_heartbeat(i, at(k), beat(k, 0, demand));
+                }
+            }
+            assert_eq!(b.saturated(0), demand.is_some());
+            shares.push((high, b.overflow_share));
+        }
+        let ((high, kept), (_, halved)) = (shares[0], shares[1]);
+        assert!(high > 0.5 && kept > high / 2.0, "{shares:?}");
+        assert!(halved < high / 8.0, "{shares:?}");
+    }
+
     #[test]
     fn rejections_while_new_workers_start_build_no_overflow_share() {
         let mut b = balancer();
@@ -675,6 +729,7 @@ mod tests {
             for i in 0..2 {
                 let beat = Beat {
                     elu: 0.99,
+                    demand: None,
                     interval: None,
                     requests: (k + 1) * 100,
                     rejected: 100,

@@ -653,6 +653,7 @@ impl Supervisor {
                     slot.rejecting_now = None;
                     let beat = Beat {
                         elu: hb.elu,
+                        demand: w.cpu.sample(w.pid, now),
                         interval: (hb.interval_ms > 0.0)
                             .then(|| Duration::from_secs_f64(hb.interval_ms / 1e3)),
                         requests: hb.requests,

@@ -3,6 +3,7 @@
 //! life), its state, and the tasks that forward its output and messages.
 
 pub mod control;
+mod cpu;
 mod spawn;
 
 use std::collections::VecDeque;
@@ -17,6 +18,7 @@ use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, LinesCodec};
 
 pub use control::{AgentMessage, Heartbeat, SupervisorMessage};
+pub use cpu::CpuDemand;
 pub use spawn::Command;
 
 use crate::health::Tracker;
@@ -72,6 +74,8 @@ pub struct Worker {
     pub tracker: Tracker,
     /// Silent for `suspect_after`: no new connections are steered to it.
     pub suspect: bool,
+    /// Its main thread's CPU time, sampled at each heartbeat.
+    pub cpu: CpuDemand,
     control: mpsc::UnboundedSender<SupervisorMessage>,
     stderr_tail: Arc<Mutex<VecDeque<String>>>,
 }
@@ -174,6 +178,7 @@ impl Worker {
             ready_at: None,
             tracker: Tracker::new(Instant::now()),
             suspect: false,
+            cpu: CpuDemand::default(),
             control,
             stderr_tail: tail,
         })
