@@ -1543,6 +1543,7 @@ impl Supervisor {
                 rps: self.balancer.rps(s.index),
                 queued: s.queue.len,
                 queue_stalls: s.queue.stalls,
+                cpu_demand: s.worker.as_ref().and_then(|w| w.cpu.share),
             })
             .collect();
         self.metrics.publish(Snapshot {

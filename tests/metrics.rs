@@ -66,9 +66,22 @@ fn per_worker_series_and_request_counts() {
         let s = scrape(&ampere);
         sum(&s, "http_requests_total") == 300.0 && timed_get_200(&s) == 300
     });
+    // CPU demand is measured between two heartbeats.
+    wait_until(READY, "CPU demand for both workers", || {
+        let s = scrape(&ampere);
+        let demand = |w: &str| {
+            s.samples.iter().any(|x| {
+                x.metric == "ampere_worker_cpu_demand"
+                    && x.labels.get("worker") == Some(w)
+                    && (0.0..=1.0).contains(&value(x))
+            })
+        };
+        demand("0") && demand("1")
+    });
     let scrape = scrape(&ampere);
     for name in [
         "nodejs_eventloop_utilization",
+        "ampere_worker_cpu_demand",
         "nodejs_eventloop_lag_p99_seconds",
         "nodejs_heap_size_used_bytes",
         "nodejs_heap_size_total_bytes",
@@ -152,12 +165,11 @@ fn the_dashboard_queries_only_exported_metrics() {
     let mut ampere = Ampere::start(&fixture("hello"), &["--workers", "1"]);
     ampere.wait_ready(1, READY);
     pids_of_requests(ampere.addr(), "/", 1);
-    wait_until(READY, "the request's duration", || {
-        ampere
-            .probe("/metrics")
-            .unwrap()
-            .body
-            .contains("http_request_duration_seconds_count")
+    // CPU demand is measured between two heartbeats.
+    wait_until(READY, "the request's duration and the CPU demand", || {
+        let body = ampere.probe("/metrics").unwrap().body;
+        body.contains("http_request_duration_seconds_count")
+            && body.contains("ampere_worker_cpu_demand{")
     });
     let body = ampere.probe("/metrics").unwrap().body;
     let dashboard = std::fs::read_to_string(

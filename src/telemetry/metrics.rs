@@ -47,6 +47,9 @@ pub struct WorkerSample {
     pub queued: u32,
     /// Times new connections were steered away because the queue stalled.
     pub queue_stalls: u64,
+    /// The share of the last heartbeat interval that the worker's main
+    /// thread ran or waited to run, where the kernel says.
+    pub cpu_demand: Option<f64>,
 }
 
 /// What the supervisor publishes for the metrics endpoint.
@@ -197,6 +200,11 @@ impl Metrics {
             "nodejs_eventloop_utilization",
             "Event-loop utilisation over the last heartbeat interval",
         );
+        let demand = family::<FloatGauge>(
+            &mut registry,
+            "ampere_worker_cpu_demand",
+            "Share of the last heartbeat interval that the worker's main thread ran on a CPU or waited for one (/proc/PID/schedstat); above nodejs_eventloop_utilization when the worker waits for CPU (more workers than cores, a CPU limit)",
+        );
         let lag_p50 = family::<FloatGauge>(
             &mut registry,
             "nodejs_eventloop_lag_p50_seconds",
@@ -326,6 +334,9 @@ impl Metrics {
             let Some(hb) = &w.heartbeat else { continue };
             let labels: Labels = vec![("service", service.clone()), ("worker", w.slot.to_string())];
             elu.get_or_create(&labels).set(hb.elu);
+            if let Some(d) = w.cpu_demand {
+                demand.get_or_create(&labels).set(d);
+            }
             lag_p50.get_or_create(&labels).set(hb.delay_p50_ms / 1e3);
             lag_p99.get_or_create(&labels).set(hb.delay_p99_ms / 1e3);
             lag_max.get_or_create(&labels).set(hb.delay_max_ms / 1e3);

@@ -16,7 +16,9 @@ use std::time::Instant;
 #[derive(Debug, Default)]
 pub struct CpuDemand {
     /// The last sample: when, and nanoseconds run plus waited by then.
-    last: Option<(Instant, u64)>,
+    sampled: Option<(Instant, u64)>,
+    /// The share measured at the last sample, for the metrics.
+    pub share: Option<f64>,
 }
 
 impl CpuDemand {
@@ -26,9 +28,11 @@ impl CpuDemand {
     pub fn sample(&mut self, pid: u32, now: Instant) -> Option<f64> {
         let text = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).ok()?;
         let busy = parse(&text)?;
-        let (at, before) = self.last.replace((now, busy))?;
+        let (at, before) = self.sampled.replace((now, busy))?;
         let wall = now.duration_since(at).as_nanos() as f64;
-        (wall > 0.0).then(|| (busy.saturating_sub(before) as f64 / wall).min(1.0))
+        let share = (wall > 0.0).then(|| (busy.saturating_sub(before) as f64 / wall).min(1.0));
+        self.share = share;
+        share
     }
 }
 
