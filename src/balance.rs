@@ -698,7 +698,8 @@ mod tests {
             rejected,
             conns: 10,
         };
-        let at = |k: u64| Instant::now() + Duration::from_millis(500 * k);
+        let start = Instant::now();
+        let at = |k: u64| start + Duration::from_millis(500 * k);
         let mut shares = Vec::new();
         for demand in [Some(0.97), None] {
             let mut b = balancer();
