@@ -12,7 +12,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,8 +24,28 @@ pub fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// A port that was free a moment ago.
+/// A port that was free a moment ago, below the kernel's range of ephemeral
+/// ports: the tests' own client connections take their local ports from
+/// that range, and one of them could take the port between this check and
+/// ampere's bind (seen in CI as "the address is already in use"). Each test
+/// process walks its own sequence, from a start that its pid picks.
 pub fn free_port() -> u16 {
+    const LOWEST: u32 = 10_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let span = ephemeral.saturating_sub(LOWEST);
+    let start = std::process::id().wrapping_mul(7919);
+    for _ in 0..span.min(1000) {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (LOWEST + start.wrapping_add(n) % span) as u16;
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            return port;
+        }
+    }
+    // No room below the ephemeral range: any free port.
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .unwrap()
         .local_addr()
