@@ -255,10 +255,11 @@ impl Balancer {
     }
 
     /// Integrates the overflow share over heartbeats: while every worker
-    /// with a heartbeat rejects requests, a part of what still reaches the
-    /// workers moves to the overflow listener; once one rejects nothing, the
-    /// share decays. It settles where the workers get about what they can
-    /// serve, so that the 503s come from Rust, not from busy event loops.
+    /// with a heartbeat rejects requests and none has room, a part of what
+    /// still reaches the workers moves to the overflow listener; once one
+    /// rejects nothing or has room, the share decays. It settles where the
+    /// workers get about what they can serve, so that the 503s come from
+    /// Rust, not from busy event loops.
     fn update_overflow_share(&mut self) {
         if !self.overflow {
             return;
@@ -277,7 +278,15 @@ impl Balancer {
         let idle = self.slots.iter().any(|s| {
             s.beats > 0 && s.rejecting < CALM && s.busy_last.is_some_and(|e| e < IDLE_ELU)
         });
-        if !live.is_empty() && live.iter().all(|r| *r >= CALM) {
+        // A worker that rejects while its loop idles a fifth of the time
+        // turns bursts away, not a load beyond its capacity: fewer new
+        // connections would idle it further (its kept connections are what
+        // brings it work, and every 503 closes one).
+        let room = self
+            .slots
+            .iter()
+            .any(|s| s.beats > WARM_UP_BEATS && s.busy_last.is_some_and(|e| e < IDLE_ELU));
+        if !room && !live.is_empty() && live.iter().all(|r| *r >= CALM) {
             let mean = live.iter().sum::<f64>() / live.len() as f64;
             self.overflow_share += (1.0 - self.overflow_share) * mean * OVERFLOW_GAIN / n;
         } else if idle {
@@ -685,9 +694,11 @@ mod tests {
 
     /// Two workers on one CPU at twice its capacity, as measured: each loop
     /// idles a quarter of the time, waiting for the CPU with its events
-    /// ready. It has no room: it counts as saturated, and when the workers
-    /// have stopped rejecting for a moment, the overflow share decays
-    /// slowly rather than halving at each heartbeat.
+    /// ready. It has no room: it counts as saturated, its rejections build
+    /// an overflow share, and when the workers have stopped rejecting for a
+    /// moment, that share decays slowly. Without the CPU's word the loop
+    /// seems to have room: no share builds, or what there is halves at each
+    /// heartbeat.
     #[test]
     fn a_loop_that_waits_for_its_cpu_has_no_room() {
         let beat = |k: u64, rejected: u64, demand: Option<f64>| Beat {
@@ -720,6 +731,34 @@ mod tests {
         let ((high, kept), (_, halved)) = (shares[0], shares[1]);
         assert!(high > 0.5 && kept > high / 2.0, "{shares:?}");
         assert!(halved < high / 8.0, "{shares:?}");
+    }
+
+    /// Measured with Next.js at twice the capacity: both workers reject
+    /// bursts while their loops idle a quarter of the time. A share for the
+    /// overflow listener would only idle them further.
+    #[test]
+    fn workers_that_reject_with_room_build_no_overflow_share() {
+        let start = Instant::now();
+        let mut grown = Vec::new();
+        for elu in [0.75, 0.9] {
+            let mut b = balancer();
+            for k in 0..8u64 {
+                for i in 0..2 {
+                    let beat = Beat {
+                        elu,
+                        demand: None,
+                        interval: None,
+                        requests: k * 100,
+                        rejected: if k == 0 { 0 } else { 15 },
+                        conns: 10,
+                    };
+                    b.on_heartbeat(i, start + Duration::from_millis(500 * k), beat);
+                }
+            }
+            grown.push(b.overflow_share);
+        }
+        assert_eq!(grown[0], 0.0, "{grown:?}");
+        assert!(grown[1] > 0.2, "{grown:?}");
     }
 
     #[test]
