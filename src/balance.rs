@@ -275,9 +275,11 @@ impl Balancer {
         let n = self.slots.len().max(1) as f64;
         // A calm worker whose loop idles a fifth of the time or more could
         // take what goes to the overflow listener now.
-        let idle = self.slots.iter().any(|s| {
-            s.beats > 0 && s.rejecting < CALM && s.busy_last.is_some_and(|e| e < IDLE_ELU)
-        });
+        let has_room = |s: &SlotLoad| s.busy_last.is_some_and(|e| e < IDLE_ELU);
+        let idle = self
+            .slots
+            .iter()
+            .any(|s| s.beats > 0 && s.rejecting < CALM && has_room(s));
         // A worker that rejects while its loop idles a fifth of the time
         // turns bursts away, not a load beyond its capacity: fewer new
         // connections would idle it further (its kept connections are what
@@ -285,7 +287,7 @@ impl Balancer {
         let room = self
             .slots
             .iter()
-            .any(|s| s.beats > WARM_UP_BEATS && s.busy_last.is_some_and(|e| e < IDLE_ELU));
+            .any(|s| s.beats > WARM_UP_BEATS && has_room(s));
         if !room && !live.is_empty() && live.iter().all(|r| *r >= CALM) {
             let mean = live.iter().sum::<f64>() / live.len() as f64;
             self.overflow_share += (1.0 - self.overflow_share) * mean * OVERFLOW_GAIN / n;
