@@ -575,6 +575,28 @@ mod tests {
         now
     }
 
+    /// Both slots' `k`-th heartbeats, 500 ms apart from `start`: 100
+    /// requests each since the one before, `rejected` of them answered 503.
+    fn beat_both(
+        b: &mut Balancer,
+        start: Instant,
+        k: u64,
+        (elu, demand): (f64, Option<f64>),
+        rejected: u64,
+    ) {
+        for i in 0..2 {
+            let beat = Beat {
+                elu,
+                demand,
+                interval: None,
+                requests: k * 100,
+                rejected,
+                conns: 10,
+            };
+            b.on_heartbeat(i, start + Duration::from_millis(500 * k), beat);
+        }
+    }
+
     #[test]
     fn equal_workers_get_equal_shares() {
         let mut b = balancer();
@@ -618,17 +640,7 @@ mod tests {
         let mut b = balancer();
         let start = Instant::now();
         for k in 0..4u64 {
-            for i in 0..2 {
-                let beat = Beat {
-                    elu: 0.9,
-                    demand: None,
-                    interval: None,
-                    requests: k * 100,
-                    rejected: if k == 0 { 0 } else { 100 },
-                    conns: 10,
-                };
-                b.on_heartbeat(i, start + Duration::from_millis(500 * k), beat);
-            }
+            beat_both(&mut b, start, k, (0.9, None), if k == 0 { 0 } else { 100 });
         }
         let w = b.weights(&[Overloaded, Overloaded], &[]);
         let (shares, overflow) = w.shares();
@@ -660,33 +672,28 @@ mod tests {
     fn the_overflow_share_falls_fast_once_a_calm_worker_idles() {
         let mut b = balancer();
         let start = Instant::now();
-        let beat = |k: u64, rejected: u64, elu: f64| Beat {
-            elu,
-            demand: None,
-            interval: None,
-            requests: k * 100,
-            rejected,
-            conns: 10,
-        };
-        let at = |k: u64| start + Duration::from_millis(500 * k);
         for k in 0..4u64 {
-            for i in 0..2 {
-                b.on_heartbeat(i, at(k), beat(k, if k == 0 { 0 } else { 100 }, 0.99));
-            }
+            beat_both(&mut b, start, k, (0.99, None), if k == 0 { 0 } else { 100 });
         }
         let high = b.overflow_share;
         assert!(high > 0.5, "{high}");
         // Calm again (the rejected share is smoothed), both still busy: a
         // slow decay.
         for k in 4..12u64 {
-            for i in 0..2 {
-                b.on_heartbeat(i, at(k), beat(k, 0, 0.99));
-            }
+            beat_both(&mut b, start, k, (0.99, None), 0);
         }
         let busy = b.overflow_share;
         assert!(busy > 0.2 && busy < high, "{high} -> {busy}");
         // One of them idles half the time: halved at each heartbeat.
-        b.on_heartbeat(0, at(12), beat(12, 0, 0.5));
+        let idle = Beat {
+            elu: 0.5,
+            demand: None,
+            interval: None,
+            requests: 1200,
+            rejected: 0,
+            conns: 10,
+        };
+        b.on_heartbeat(0, start + Duration::from_millis(6000), idle);
         assert!(
             (b.overflow_share - busy / 2.0).abs() < 1e-9,
             "{busy} -> {}",
@@ -703,29 +710,22 @@ mod tests {
     /// heartbeat.
     #[test]
     fn a_loop_that_waits_for_its_cpu_has_no_room() {
-        let beat = |k: u64, rejected: u64, demand: Option<f64>| Beat {
-            elu: 0.75,
-            demand,
-            interval: None,
-            requests: k * 100,
-            rejected,
-            conns: 10,
-        };
         let start = Instant::now();
-        let at = |k: u64| start + Duration::from_millis(500 * k);
         let mut shares = Vec::new();
         for demand in [Some(0.97), None] {
             let mut b = balancer();
             for k in 0..4u64 {
-                for i in 0..2 {
-                    b.on_heartbeat(i, at(k), beat(k, if k == 0 { 0 } else { 100 }, demand));
-                }
+                beat_both(
+                    &mut b,
+                    start,
+                    k,
+                    (0.75, demand),
+                    if k == 0 { 0 } else { 100 },
+                );
             }
             let high = b.overflow_share;
             for k in 4..12u64 {
-                for i in 0..2 {
-                    b.on_heartbeat(i, at(k), beat(k, 0, demand));
-                }
+                beat_both(&mut b, start, k, (0.75, demand), 0);
             }
             assert_eq!(b.saturated(0), demand.is_some());
             shares.push((high, b.overflow_share));
@@ -745,17 +745,7 @@ mod tests {
         for elu in [0.75, 0.9] {
             let mut b = balancer();
             for k in 0..8u64 {
-                for i in 0..2 {
-                    let beat = Beat {
-                        elu,
-                        demand: None,
-                        interval: None,
-                        requests: k * 100,
-                        rejected: if k == 0 { 0 } else { 15 },
-                        conns: 10,
-                    };
-                    b.on_heartbeat(i, start + Duration::from_millis(500 * k), beat);
-                }
+                beat_both(&mut b, start, k, (elu, None), if k == 0 { 0 } else { 15 });
             }
             grown.push(b.overflow_share);
         }
@@ -767,18 +757,8 @@ mod tests {
     fn rejections_while_new_workers_start_build_no_overflow_share() {
         let mut b = balancer();
         let start = Instant::now();
-        for k in 0..WARM_UP_BEATS as u64 {
-            for i in 0..2 {
-                let beat = Beat {
-                    elu: 0.99,
-                    demand: None,
-                    interval: None,
-                    requests: (k + 1) * 100,
-                    rejected: 100,
-                    conns: 10,
-                };
-                b.on_heartbeat(i, start + Duration::from_millis(500 * k), beat);
-            }
+        for k in 1..=WARM_UP_BEATS as u64 {
+            beat_both(&mut b, start, k, (0.99, None), 100);
         }
         assert_eq!(b.overflow_share, 0.0);
     }
