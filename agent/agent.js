@@ -52,16 +52,47 @@ const TRACING = TRACE_RATIO >= 0;
 const SPAN_BATCH = 256;
 const MAX_UNSENT_BYTES = 4 * 1048576;
 
-// The descriptors belong to this process only: children that the app spawns
-// (and that may preload this file through NODE_OPTIONS) must not adopt them.
-delete process.env.AMPERE_LISTEN_FD;
-delete process.env.AMPERE_CONTROL_FD;
+// With `[app] command`, the process ampere starts may be a wrapper (npm,
+// npx, tsx) that runs the app in a child: every node process in between
+// preloads this file. Then the agent waits, and acts in the process that
+// listens on the service port.
+const LAZY = process.env.AMPERE_AGENT_LAZY === '1';
 
 if (Number.isInteger(LISTEN_FD) && Number.isInteger(CONTROL_FD)) {
-  start();
+  if (LAZY) awaitServiceListen();
+  else start([]);
 }
 
-function start() {
+// The descriptors belong to one process: children that the app spawns (and
+// that may preload this file through NODE_OPTIONS) must not adopt them.
+function claim() {
+  delete process.env.AMPERE_LISTEN_FD;
+  delete process.env.AMPERE_CONTROL_FD;
+  delete process.env.AMPERE_AGENT_LAZY;
+}
+
+// Lazy mode: a process that never listens on the service port leaves the
+// descriptors to its children. Servers it started on other ports are
+// reported once it does.
+function awaitServiceListen() {
+  const net = require('node:net');
+  const plainListen = net.Server.prototype.listen;
+  const others = [];
+  net.Server.prototype.listen = function listen(...args) {
+    if (isServicePort(args)) {
+      net.Server.prototype.listen = plainListen;
+      start(others);
+      return net.Server.prototype.listen.apply(this, args);
+    }
+    const port = portOf(args);
+    if (port !== undefined && port !== 0) others.push({ server: this, port });
+    return plainListen.apply(this, args);
+  };
+}
+
+// `others`: servers on other ports that this process started before.
+function start(others) {
+  claim();
   const net = require('node:net');
   const { performance, monitorEventLoopDelay } = require('node:perf_hooks');
   const v8 = require('node:v8');
@@ -145,11 +176,15 @@ function start() {
       return origListen.call(this, { fd: LISTEN_FD }, BACKLOG, cb);
     }
     const port = portOf(args);
-    if (port !== undefined && port !== 0) {
-      this.once('listening', () => send({ type: 'listen_other', port: this.address()?.port ?? port }));
-    }
+    if (port !== undefined && port !== 0) reportOther(this, port);
     return origListen.apply(this, args);
   };
+  function reportOther(srv, port) {
+    const report = () => send({ type: 'listen_other', port: srv.address()?.port ?? port });
+    if (srv.listening) report();
+    else srv.once('listening', report);
+  }
+  for (const { server: srv, port } of others) reportOther(srv, port);
 
   function adopt(srv) {
     srv.once('listening', () => {
@@ -468,9 +503,10 @@ function start() {
   };
   setTimeout(beat, HEARTBEAT_MS).unref();
 
-  function isServicePort(args) {
-    return Number.isInteger(PORT) && portOf(args) === PORT;
-  }
+}
+
+function isServicePort(args) {
+  return Number.isInteger(PORT) && portOf(args) === PORT;
 }
 
 function cpuUs() {

@@ -609,9 +609,10 @@ impl Supervisor {
                 warn!(service = &*self.service, worker = index, worker_pid = w.pid, error = %e, "unreadable message on the control channel");
                 Action::None
             }
-            Event::Message(AgentMessage::Listening { node }) => {
+            Event::Message(AgentMessage::Listening { node, pid }) => {
                 if w.state == State::Starting {
                     w.state = State::Ready;
+                    w.app_pid = pid.unwrap_or(w.pid);
                     w.ready_at = Some(now);
                     w.tracker = Tracker::new(now);
                     if self.pressure_seen {
@@ -653,7 +654,7 @@ impl Supervisor {
                     slot.rejecting_now = None;
                     let beat = Beat {
                         elu: hb.elu,
-                        demand: w.cpu.sample(w.pid, now),
+                        demand: w.cpu.sample(w.app_pid, now),
                         interval: (hb.interval_ms > 0.0)
                             .then(|| Duration::from_secs_f64(hb.interval_ms / 1e3)),
                         requests: hb.requests,

@@ -111,3 +111,76 @@ fn shared_listener_mode_serves_from_one_socket() {
         );
     }
 }
+
+/// A config for the wrapper fixture running `command`; the file lives as
+/// long as the value.
+fn wrapper_config(command: &[&str]) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ampere.toml");
+    let body = format!(
+        "[app]\ndir = {:?}\ncommand = {:?}\n",
+        fixture("wrapper").display().to_string(),
+        command
+    );
+    std::fs::write(&path, body).unwrap();
+    let path = path.to_str().unwrap().to_owned();
+    (dir, path)
+}
+
+/// The parent of `pid`, from /proc.
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit(") ").next()?.split(' ').nth(1)?.parse().ok()
+}
+
+/// `[app] command` with a program that runs the app in a child process:
+/// the app (not the wrapper, whose node preloads the agent too) adopts the
+/// slot's socket and reports, and shutdown reaches it.
+fn serves_behind_wrapper(command: &[&str]) {
+    let (_dir, config) = wrapper_config(command);
+    let mut ampere = Ampere::start(
+        &fixture("wrapper"),
+        &["--workers", "2", "--config", &config],
+    );
+    let wrappers = ampere.wait_ready(2, READY);
+    let pids = pids_of_requests(ampere.addr(), "/", 40);
+    let apps = shares(&pids);
+    assert_eq!(apps.len(), 2, "two app processes should answer: {apps:?}");
+    for app in apps.keys() {
+        assert!(!wrappers.contains(app), "the wrapper {app} answered itself");
+        // The app runs under one of the wrappers (npm adds a shell).
+        let mut up = Some(*app);
+        for _ in 0..4 {
+            up = up.and_then(parent_of);
+            if up.is_some_and(|p| wrappers.contains(&p)) {
+                break;
+            }
+        }
+        assert!(
+            up.is_some_and(|p| wrappers.contains(&p)),
+            "app {app} does not run under a wrapper {wrappers:?}"
+        );
+    }
+    // The app's agent reports: heartbeats reach the metrics.
+    wait_until(READY, "the apps' heartbeats", || {
+        ampere
+            .probe("/metrics")
+            .is_ok_and(|r| r.body.matches("nodejs_eventloop_utilization{").count() == 2)
+    });
+    ampere.signal(Signal::SIGTERM);
+    assert_eq!(ampere.wait_exit(READY), Some(0));
+    for app in apps.keys() {
+        assert!(!alive(*app), "app {app} outlived ampere");
+    }
+}
+
+#[test]
+fn npm_start_command_serves_the_app_it_starts() {
+    serves_behind_wrapper(&["npm", "start", "--silent"]);
+}
+
+/// A wrapper that gives its child an IPC channel on fd 3, as tsx does.
+#[test]
+fn wrapper_with_its_own_fd_3_serves_the_app_it_starts() {
+    serves_behind_wrapper(&["node", "ipc-wrapper.js"]);
+}

@@ -15,6 +15,10 @@ pub enum AgentMessage {
     Listening {
         #[serde(default)]
         node: Option<String>,
+        /// The process that listens: a child of the one ampere started
+        /// when that is a wrapper.
+        #[serde(default)]
+        pid: Option<u32>,
     },
     /// The app listens on another TCP port, which ampere does not serve.
     ListenOther {

@@ -74,6 +74,9 @@ pub struct Worker {
     pub tracker: Tracker,
     /// Silent for `suspect_after`: no new connections are steered to it.
     pub suspect: bool,
+    /// The process that runs the app: `pid`, or with `[app] command` the
+    /// child of a wrapper (npm start), as its agent reported.
+    pub app_pid: u32,
     /// Its main thread's CPU time, sampled at each heartbeat.
     pub cpu: CpuDemand,
     control: mpsc::UnboundedSender<SupervisorMessage>,
@@ -178,6 +181,7 @@ impl Worker {
             ready_at: None,
             tracker: Tracker::new(Instant::now()),
             suspect: false,
+            app_pid: pid,
             cpu: CpuDemand::default(),
             control,
             stderr_tail: tail,

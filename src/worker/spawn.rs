@@ -13,6 +13,13 @@ use nix::unistd::Pid;
 
 use crate::config::{Launch, Settings};
 
+/// The descriptor numbers a worker finds its listening socket and its end
+/// of the control channel at. Not 3 and 4: wrappers that start the app in
+/// a child process put their own channel there (tsx an IPC pipe on fd 3),
+/// which would hide ours from the app.
+const WORKER_LISTEN_FD: i32 = 64;
+const WORKER_CONTROL_FD: i32 = 65;
+
 /// How to start a worker of one service: the same for every slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Command {
@@ -96,6 +103,10 @@ impl Command {
                     "NODE_OPTIONS".into(),
                     format!("{existing} {quoted}").trim().into(),
                 ));
+                // The program may be a wrapper (npm start, npx, tsx) whose
+                // own node preloads the agent too: the agent then acts only
+                // in the process that listens on the service port.
+                env.push(("AMPERE_AGENT_LAZY".into(), "1".into()));
                 (
                     PathBuf::from(program),
                     args.iter().map(OsString::from).collect(),
@@ -165,8 +176,8 @@ impl Command {
         cmd.args(&self.args)
             .env_clear()
             .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .env("AMPERE_LISTEN_FD", listen_fd.to_string())
-            .env("AMPERE_CONTROL_FD", control_fd.to_string())
+            .env("AMPERE_LISTEN_FD", WORKER_LISTEN_FD.to_string())
+            .env("AMPERE_CONTROL_FD", WORKER_CONTROL_FD.to_string())
             // Which worker this is, 0..N, stable across restarts: for apps
             // that run a job in one worker only. NODE_APP_INSTANCE is PM2's
             // name for it.
@@ -181,8 +192,9 @@ impl Command {
             // worker's group also stops what the app itself started.
             .process_group(0);
         // SAFETY: the hook runs in the child between fork and exec, where
-        // only async-signal-safe calls are allowed; prctl, getppid and fcntl
-        // are. It captures only plain integers.
+        // only async-signal-safe calls are allowed: prctl, getppid, fcntl and
+        // dup2 are, and it allocates nothing (errors are raw OS codes). It
+        // captures only plain integers.
         unsafe {
             cmd.pre_exec(move || {
                 // Die with the supervisor. PDEATHSIG fires when the forking
@@ -193,14 +205,22 @@ impl Command {
                 }
                 // The supervisor may have died before prctl took effect.
                 if libc::getppid() as u32 != parent {
-                    return Err(std::io::Error::other("supervisor exited"));
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
                 }
                 // Both descriptors are close-on-exec in the supervisor (so no
-                // other child gets them); clear the flag in this child only.
-                for fd in [listen_fd, control_fd] {
-                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
+                // other child gets them). Copy them to the worker's numbers,
+                // by way of copies above both (so that neither original sits
+                // where the other goes); dup2 leaves the new ones inheritable,
+                // and everything else closes at exec.
+                let above = WORKER_CONTROL_FD + 1;
+                let listen_high = libc::fcntl(listen_fd, libc::F_DUPFD_CLOEXEC, above);
+                let control_high = libc::fcntl(control_fd, libc::F_DUPFD_CLOEXEC, above);
+                if listen_high < 0
+                    || control_high < 0
+                    || libc::dup2(listen_high, WORKER_LISTEN_FD) < 0
+                    || libc::dup2(control_high, WORKER_CONTROL_FD) < 0
+                {
+                    return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
             });
