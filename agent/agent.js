@@ -211,12 +211,16 @@ function start(others) {
         }
         const now = performance.now();
         const bound = now < pressureUntil && saturated ? pressureMs : MAX_DELAY_MS;
-        if (MAX_DELAY_MS !== 0 && (lag > MAX_DELAY_MS || now - lastTick > LATE_MS || inflight * costMs > bound)) {
+        // The loop's work ahead of this request: every request in flight
+        // while the loop is saturated; otherwise only those let in lately
+        // (the others wait on I/O, a timer or a stream, not on this loop).
+        const ahead = (saturated ? inflight : Math.min(inflight, admitted + admittedBefore)) * costMs;
+        if (MAX_DELAY_MS !== 0 && (lag > MAX_DELAY_MS || now - lastTick > LATE_MS || ahead > bound)) {
           if (warm) {
             // Beyond max_delay is overload: it starts or extends an episode.
             // Missing only the episode's target must not extend it, or the
             // tighter bound would keep the episode going by itself.
-            const beyond = lag > MAX_DELAY_MS || now - lastTick > LATE_MS || inflight * costMs > MAX_DELAY_MS;
+            const beyond = lag > MAX_DELAY_MS || now - lastTick > LATE_MS || ahead > MAX_DELAY_MS;
             if (beyond) press(now + PRESSURE_HOLD_MS);
             reject(res, 'delay', beyond);
             return;
@@ -225,8 +229,9 @@ function start(others) {
           lag = 0;
           lastTick = now;
         }
-        warm = true;
+        if (!warm) warmUp();
         inflight++;
+        admitted++;
         if (shedLeft !== 0 && res.shouldKeepAlive) shedOne(res);
         if (TIME_REQUESTS) res[kStart] = now;
         if (TRACING) startSpan(req, res);
@@ -240,6 +245,7 @@ function start(others) {
       // Several 'request' listeners: counted, but not guarded (rejecting
       // here could not stop the others).
       srv.prependListener('request', (req, res) => {
+        if (!warm) warmUp();
         inflight++;
         requests++;
         if (shedLeft !== 0 && res.shouldKeepAlive) shedOne(res);
@@ -262,18 +268,32 @@ function start(others) {
   // first request waited for it, but shedding it would help nobody.
   let warm = false;
   const LATE_MS = LAG_TICK_MS + MAX_DELAY_MS;
-  // Whether the loop had no idle time to speak of over the last 100 ms.
+  // Whether the loop had no idle time to speak of over the last 100 ms:
+  // its utilisation, or its thread's share of that time on or waiting for
+  // a CPU (where workers share CPUs, a loop that waits for its CPU reads as
+  // idle in its utilisation).
   let saturated = false;
   let ticks = 0;
   let tickElu = performance.eventLoopUtilization();
+  let tickAt = performance.now();
+  let tickCpuNs = threadCpuNs();
+  // Requests let in during this 100 ms and the one before.
+  let admitted = 0;
+  let admittedBefore = 0;
   if (MAX_DELAY_MS !== 0) {
     setInterval(() => {
       const now = performance.now();
       lag = Math.max(0, now - lastTick - LAG_TICK_MS);
       lastTick = now;
       if (++ticks % 10 === 0) {
-        saturated = performance.eventLoopUtilization(tickElu).utilization >= SATURATED_ELU;
+        const cpuNs = threadCpuNs();
+        const demand = (cpuNs - tickCpuNs) / 1e6 / (now - tickAt);
+        saturated = performance.eventLoopUtilization(tickElu).utilization >= SATURATED_ELU || demand >= SATURATED_ELU;
         tickElu = performance.eventLoopUtilization();
+        tickAt = now;
+        tickCpuNs = cpuNs;
+        admittedBefore = admitted;
+        admitted = 0;
       }
     }, LAG_TICK_MS).unref();
   }
@@ -300,6 +320,16 @@ function start(others) {
   // longer (a throttled cgroup, a crowded machine) looks busy without more
   // work per request.
   let finished = 0;
+  let costElu = null;
+  let costCpu = 0;
+  // The first request is let in: lateness from here on is overload, and
+  // what requests cost is measured from here (the app's start-up is not
+  // their work).
+  function warmUp() {
+    warm = true;
+    costElu = performance.eventLoopUtilization();
+    costCpu = cpuUs();
+  }
   let busyMs = 0;
   let cpuMs = 0;
   let costMs = 0;
@@ -460,7 +490,6 @@ function start(others) {
   const delay = monitorEventLoopDelay({ resolution: 10 });
   delay.enable();
   let lastElu = performance.eventLoopUtilization();
-  let lastCpu = cpuUs();
   // Heartbeats come faster while the heap is past half of V8's limit, so
   // that a fast leak is seen in time (a worker leaking 40 MiB/s crosses the
   // last quarter of a 256 MiB heap in about a second).
@@ -468,8 +497,11 @@ function start(others) {
     const elu = performance.eventLoopUtilization(lastElu);
     lastElu = performance.eventLoopUtilization();
     const cpu = cpuUs();
-    updateCost(elu.active, (cpu - lastCpu) / 1000);
-    lastCpu = cpu;
+    if (warm) {
+      updateCost(performance.eventLoopUtilization(costElu).active, (cpu - costCpu) / 1000);
+      costElu = performance.eventLoopUtilization();
+      costCpu = cpu;
+    }
     const heap = v8.getHeapStatistics();
     const heapLimit = oldSpaceLimit(heap.heap_size_limit);
     send({
@@ -503,6 +535,17 @@ function start(others) {
   };
   setTimeout(beat, HEARTBEAT_MS).unref();
 
+}
+
+// Nanoseconds this thread has run on a CPU or waited in a run queue for
+// one (/proc/thread-self/schedstat); NaN where the kernel does not say.
+function threadCpuNs() {
+  try {
+    const fields = require('node:fs').readFileSync('/proc/thread-self/schedstat', 'latin1').split(' ');
+    return Number(fields[0]) + Number(fields[1]);
+  } catch {
+    return NaN;
+  }
 }
 
 function isServicePort(args) {

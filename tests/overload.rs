@@ -88,3 +88,54 @@ fn requests_that_waited_behind_a_blocked_event_loop_get_503() {
         ) >= 1.0
     });
 }
+
+/// Requests that wait on I/O (an upstream, a timer, a stream) are not work
+/// queued for the event loop: many of them in flight while the loop idles
+/// must not turn new requests away.
+#[test]
+fn requests_waiting_on_io_do_not_count_as_queued_work() {
+    // A bound well above what other tests' workers on the same CPUs may
+    // delay this one by.
+    let config = hello_config("[overload]\nmax_delay = \"250ms\"\n[health]\nenabled = false\n");
+    let mut ampere = Ampere::start(
+        &fixture("hello"),
+        &["--workers", "1", "--config", &config.path],
+    );
+    ampere.wait_ready(1, READY);
+    let addr = ampere.addr();
+    // 30 clients, each request 10 ms of CPU and then 1.5 s of waiting, the
+    // clients 50 ms apart: 30 in flight, 300 ms of work if they all still
+    // needed the loop, while the loop idles four fifths of the time.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let clients: Vec<_> = (0..30u64)
+        .map(|i| {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50 * i));
+                let mut statuses = Vec::new();
+                // Four rounds: the agent learns what a request costs from
+                // the first that finish (at a heartbeat), and would turn
+                // the later rounds away.
+                for _ in 0..4 {
+                    let r = get(
+                        addr,
+                        "/burn-then-wait?ms=10&wait=1500",
+                        Duration::from_secs(30),
+                    );
+                    statuses.push(r.map(|r| r.status).map_err(|e| format!("{e:?}")));
+                    done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                statuses
+            })
+        })
+        .collect();
+    wait_until(Duration::from_secs(60), "120 requests answered", || {
+        done.load(std::sync::atomic::Ordering::Relaxed) == 120
+    });
+    let statuses: Vec<_> = clients
+        .into_iter()
+        .flat_map(|c| c.join().unwrap())
+        .collect();
+    let ok = statuses.iter().filter(|s| **s == Ok(200)).count();
+    assert_eq!(ok, 120, "{statuses:?}");
+}
