@@ -674,7 +674,12 @@ impl Supervisor {
                     );
                 }
                 match (retiring, verdict) {
-                    (None, Some(v)) if health.enabled && w.state == State::Ready => {
+                    // Not while shutting down: a replacement would start
+                    // only to be stopped, and take the slot's queue from
+                    // the worker that is finishing it.
+                    (None, Some(v))
+                        if health.enabled && w.state == State::Ready && !self.shutting_down =>
+                    {
                         Action::Replace(v)
                     }
                     // A recovered old worker whose replacement already
@@ -1758,14 +1763,35 @@ fn backoff(settings: &Settings, failures: u32) -> Duration {
 }
 
 /// The line of a crashed worker's stderr that most likely says why: the last
-/// one that is not part of a stack trace or node's closing version banner.
+/// error heading node printed (`Error: Cannot find module 'x'`, `TypeError
+/// [ERR_X]: ...`), else the last line that is not part of a stack trace, of
+/// the error's own properties, or of node's closing banner.
 fn last_error_line(tail: &[String]) -> Option<&str> {
-    tail.iter().rev().map(|l| l.trim_end()).find(|l| {
-        !l.is_empty()
-            && !l.trim_start().starts_with("at ")
-            && !l.starts_with("Node.js v")
-            && l.trim() != "^"
+    let lines = || tail.iter().rev().map(|l| l.trim_end());
+    lines().find(|l| is_error_heading(l)).or_else(|| {
+        lines().find(|l| {
+            let t = l.trim_start();
+            let noise = t.is_empty()
+                || t.starts_with("at ")
+                || l.starts_with("Node.js v")
+                || l.starts_with("(Use `node --trace")
+                || matches!(t, "^" | "}" | "{")
+                // `  code: 'ERR_X',` and the like, inside the error's dump.
+                || (l.starts_with(' ') && t.contains(": "));
+            !noise
+        })
     })
+}
+
+/// `Error: ...`, `TypeError: ...`, `Error [ERR_X]: ...`, `DOMException: ...`
+/// at the start of a line: how node heads an uncaught error.
+fn is_error_heading(line: &str) -> bool {
+    let name_end = line
+        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '$'))
+        .unwrap_or(line.len());
+    let (name, rest) = line.split_at(name_end);
+    (name.ends_with("Error") || name.ends_with("Exception"))
+        && (rest.starts_with(": ") || rest.starts_with(" ["))
 }
 
 /// The next admin command; never, without an admin API.
@@ -1795,6 +1821,46 @@ mod tests {
     use super::*;
 
     const WINDOW: Duration = Duration::from_millis(100);
+
+    fn lines(text: &str) -> Vec<String> {
+        text.lines().map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn the_cause_of_a_crash_is_the_error_heading_not_the_dump_after_it() {
+        // What node 20 prints for a missing module.
+        let missing = lines(
+            "node:internal/modules/cjs/loader:1228\n  throw err;\n  ^\n\n\
+             Error: Cannot find module 'express'\nRequire stack:\n- /app/s.js\n    \
+             at Module._resolveFilename (node:internal/modules/cjs/loader:1225:15)\n    \
+             at node:internal/main/run_main_module:28:49 {\n  code: 'MODULE_NOT_FOUND',\n  \
+             requireStack: [ '/app/s.js' ]\n}\n\nNode.js v20.20.2",
+        );
+        assert_eq!(
+            last_error_line(&missing),
+            Some("Error: Cannot find module 'express'")
+        );
+        let coded = lines(
+            "Error [ERR_REQUIRE_ESM]: require() of ES Module /app/x.mjs not supported.\n    \
+             at Object.<anonymous> (/app/s.js:1:1) {\n  code: 'ERR_REQUIRE_ESM'\n}",
+        );
+        assert_eq!(
+            last_error_line(&coded),
+            Some("Error [ERR_REQUIRE_ESM]: require() of ES Module /app/x.mjs not supported.")
+        );
+        // A thrown string has no heading: the last line that says something.
+        let thrown = lines(
+            "/app/s.js:1\nthrow 'no config';\n^\nno config\n\
+             (Use `node --trace-uncaught ...` to show where the exception was thrown)\n\nNode.js v20.20.2",
+        );
+        assert_eq!(last_error_line(&thrown), Some("no config"));
+        // An app's own last words.
+        assert_eq!(
+            last_error_line(&lines("starting\nDATABASE_URL is not set")),
+            Some("DATABASE_URL is not set")
+        );
+        assert_eq!(last_error_line(&lines("\n\n")), None);
+    }
 
     #[test]
     fn a_worker_that_does_not_answer_within_the_window_stalls() {

@@ -172,3 +172,64 @@ fn bad_flag_values_name_the_flag() {
     let out = ampere(&fixture("hello"), &["start", "--host", "example.com"], &[]);
     assert_error(&out, &["--host", "not an IP address"]);
 }
+
+#[test]
+fn settings_that_cannot_work_together_are_refused_with_their_line() {
+    let dir = app_with(
+        "ampere.toml",
+        "[app]\nentry = \"server.js\"\n[worker]\nheartbeat_interval = \"2s\"\n[health]\nsuspect_after = \"1s\"\n",
+    );
+    let out = ampere(dir.path(), &["config", "check"], &[]);
+    assert_error(
+        &out,
+        &[
+            "ampere.toml:6:17",
+            "health.suspect_after",
+            "heartbeat_interval (2s)",
+        ],
+    );
+}
+
+#[test]
+fn a_command_that_does_not_exist_is_refused_before_starting() {
+    let dir = app_with(
+        "ampere.toml",
+        "[app]\ncommand = [\"no-such-program\", \"x\"]\n",
+    );
+    let out = ampere(dir.path(), &["config", "check"], &[]);
+    assert_error(
+        &out,
+        &[
+            "ampere.toml:2:11",
+            "app.command",
+            "`no-such-program` is not an executable file",
+        ],
+    );
+}
+
+#[test]
+fn a_type_mismatch_says_what_is_expected() {
+    let dir = app_with(
+        "ampere.toml",
+        "[app]\nentry = \"server.js\"\n[server]\nport = true\n",
+    );
+    let out = ampere(dir.path(), &["config", "check"], &[]);
+    assert_error(&out, &["ampere.toml:4:8", "expected a port number"]);
+}
+
+/// `ampere schema | head -c 1`: the reader goes away; ampere ends quietly.
+#[test]
+fn a_closed_pipe_ends_a_command_without_a_panic() {
+    let mut child = Command::new(AMPERE)
+        .arg("schema")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Close the reading end before ampere writes the whole schema.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_ne!(out.status.code(), Some(101), "{stderr}");
+}

@@ -118,7 +118,37 @@ impl StartArgs {
     }
 }
 
+/// Lifts the soft limit on open files to the hard one, as node does for
+/// itself: the supervisor holds a descriptor for every connection the
+/// overflow listener answers, and the common soft limit of 1,024 is soon
+/// reached under the overload that listener is for. Where it cannot be
+/// raised, ampere runs with what it has.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+    {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
+/// `ampere ps | head -1`: a command whose reader went away ends there, as
+/// other command-line tools do, instead of failing on its next write. (Rust
+/// ignores SIGPIPE, so every write would fail with EPIPE, and `println!`
+/// panics on that.) Not for `start`: a supervisor must outlive a log
+/// reader that went away.
+fn end_quietly_on_closed_stdout() {
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    // SAFETY: the default disposition runs no code in this process, so no
+    // handler can break async-signal safety; this runs first thing, before
+    // any other thread exists.
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
+}
+
 pub fn run(cli: Cli) -> Result<ExitCode> {
+    if !matches!(cli.command, Commands::Start(_)) {
+        end_quietly_on_closed_stdout();
+    }
     match cli.command {
         Commands::Start(args) => start(&args),
         Commands::Config(ConfigCommand::Check(args)) => check(&args),
@@ -144,6 +174,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
 
 fn start(args: &StartArgs) -> Result<ExitCode> {
     let settings = config::resolve(&args.overrides())?;
+    raise_fd_limit();
     let config = &settings.config;
     let mut listeners = Listeners::bind(
         settings.addr,

@@ -3,6 +3,7 @@
 //! resolving the app, the node executable and the workers' environment.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsString;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
@@ -73,9 +74,7 @@ pub fn resolve(flags: &Overrides) -> Result<Settings> {
     }
 
     let host = parse_host(config.server.host.as_str()).map_err(|message| match &source {
-        Some(path) if flags.host.is_none() => {
-            Error::config(path, 0, 0, format!("server.host: {message}"))
-        }
+        Some(path) if flags.host.is_none() => error_at_key(path, "server.host", message),
         _ => Error::Flag {
             flag: "--host",
             message,
@@ -84,7 +83,7 @@ pub fn resolve(flags: &Overrides) -> Result<Settings> {
     let addr = SocketAddr::new(host, config.server.port.0);
     let metrics_addr = if config.metrics.enabled {
         let host = parse_host(config.metrics.host.as_str()).map_err(|message| match &source {
-            Some(path) => Error::config(path, 0, 0, format!("metrics.host: {message}")),
+            Some(path) => error_at_key(path, "metrics.host", message),
             None => Error::Flag {
                 flag: "--metrics-port",
                 message,
@@ -99,6 +98,22 @@ pub fn resolve(flags: &Overrides) -> Result<Settings> {
     let (launch, package_name) = detect::detect(&app_dir, &config.app)?;
     let node = find_node(config.node.executable.as_str())?;
     let env = worker_env(&config, &app_dir)?;
+    if let super::Launch::Command { program, .. } = &launch
+        && !command_exists(program, &app_dir, env.get("PATH"))
+    {
+        let message = format!(
+            "the program `{program}` is not an executable file{}",
+            if program.contains('/') {
+                format!(" (relative to the app directory {})", app_dir.display())
+            } else {
+                " on the workers' PATH".to_owned()
+            }
+        );
+        return Err(match &source {
+            Some(path) => error_at_key(path, "app.command", message),
+            None => Error::app(message, "fix [app] command"),
+        });
+    }
     let service = config
         .app
         .name
@@ -162,23 +177,72 @@ pub fn parse_file(path: &Path) -> Result<Config> {
     {
         vars.extend(read_dotenv(&dotenv)?);
     }
-    vars.extend(std::env::vars());
+    vars.extend(process_env());
     interpolate::with_vars(vars, || parse_text(path, &text))
+}
+
+/// This process's environment. A variable whose name or value is not UTF-8
+/// can be neither interpolated nor handed on through the settings, which
+/// hold text: it is left out rather than stopping ampere
+/// (`std::env::vars` would panic on it).
+fn process_env() -> impl Iterator<Item = (String, String)> {
+    std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
 }
 
 fn parse_text(path: &Path, text: &str) -> Result<Config> {
     let is_json = path.extension().is_some_and(|e| e == "json");
-    if is_json {
+    let config: Config = if is_json {
         serde_json::from_str(text)
-            .map_err(|e| Error::config(path, e.line(), e.column(), serde_json_message(&e)))
+            .map_err(|e| Error::config(path, e.line(), e.column(), serde_json_message(&e)))?
     } else {
         toml::from_str(text).map_err(|e| {
             let (line, column) = e
                 .span()
                 .map_or((0, 0), |span| line_column(text, span.start));
             Error::config(path, line, column, e.message().trim().replace('\n', "; "))
-        })
-    }
+        })?
+    };
+    config.check_values().map_err(|(key, message)| {
+        let (line, column) = key_position(text, key, is_json).unwrap_or((0, 0));
+        Error::config(path, line, column, format!("{key}: {message}"))
+    })?;
+    Ok(config)
+}
+
+/// An error in the value of `key` in the config file at `path`, found again
+/// in the file to name its line.
+fn error_at_key(path: &Path, key: &str, message: String) -> Error {
+    let is_json = path.extension().is_some_and(|e| e == "json");
+    let (line, column) = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| key_position(&text, key, is_json))
+        .unwrap_or((0, 0));
+    Error::config(path, line, column, format!("{key}: {message}"))
+}
+
+/// Where the dotted `key` is set in a config file's text: its value in
+/// TOML; in JSON, the first occurrence of its last part as a key.
+fn key_position(text: &str, key: &str, is_json: bool) -> Option<(usize, usize)> {
+    let offset = if is_json {
+        let last = key.rsplit('.').next()?;
+        text.find(&format!("\"{last}\""))?
+    } else {
+        let doc = toml::de::DeTable::parse(text).ok()?;
+        let mut table = doc.get_ref();
+        let mut parts = key.split('.').peekable();
+        loop {
+            let part = parts.next()?;
+            let value = table.get(part)?;
+            if parts.peek().is_none() {
+                break value.span().start;
+            }
+            match value.get_ref() {
+                toml::de::DeValue::Table(t) => table = t,
+                _ => return None,
+            }
+        }
+    };
+    Some(line_column(text, offset))
 }
 
 /// serde_json's message without its " at line L column C" suffix (we put the
@@ -231,6 +295,19 @@ fn find_node(executable: &str) -> Result<PathBuf> {
         .ok_or_else(|| Error::app(format!("no `{executable}` executable found on PATH"), hint))
 }
 
+/// Whether `[app] command`'s program can be started: as the workers start
+/// it, from the app directory, with their PATH.
+fn command_exists(program: &str, app_dir: &Path, path_var: Option<&String>) -> bool {
+    if program.contains('/') {
+        return is_executable(&app_dir.join(program));
+    }
+    let path_var = path_var
+        .map(OsString::from)
+        .or_else(|| std::env::var_os("PATH"));
+    std::env::split_paths(&path_var.unwrap_or_default())
+        .any(|dir| is_executable(&app_dir.join(dir).join(program)))
+}
+
 fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
@@ -279,7 +356,7 @@ fn worker_env(config: &Config, app_dir: &Path) -> Result<BTreeMap<String, String
     if let Some(path) = env_file {
         env.extend(read_dotenv(&path)?);
     }
-    env.extend(std::env::vars());
+    env.extend(process_env());
     env.extend(config.env.iter().map(|(k, v)| (k.clone(), v.0.clone())));
     env.insert("PORT".into(), config.server.port.0.to_string());
     Ok(env)
@@ -293,6 +370,47 @@ mod tests {
         interpolate::with_vars(HashMap::from([("P".into(), "4000".into())]), || {
             parse_text(Path::new("ampere.toml"), text)
         })
+    }
+
+    #[test]
+    fn settings_that_cannot_work_together_name_their_line() {
+        let text = "[worker]\nheartbeat_interval = \"2s\"\n";
+        let e = parse_text(Path::new("a.toml"), text)
+            .unwrap_err()
+            .to_string();
+        // Not the interval's line: suspect_after is not in the file.
+        assert!(
+            e.contains("health.suspect_after: 1s 500ms must be longer"),
+            "{e}"
+        );
+        let text = "[health]\nenabled = true\nsuspect_after = \"400ms\"\n";
+        let e = parse_text(Path::new("a.toml"), text)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("a.toml:3:17: health.suspect_after"), "{e}");
+        let text = "[health]\nmax_heap_used = 75\n";
+        let e = parse_text(Path::new("a.toml"), text)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("a.toml:2:17: health.max_heap_used: 75 is not a fraction"),
+            "{e}"
+        );
+        let text = "{\"telemetry\": {\"sampling_ratio\": 5}}";
+        let e = parse_text(Path::new("a.json"), text)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("a.json:1:16: telemetry.sampling_ratio"),
+            "{e}"
+        );
+        assert!(
+            parse_text(
+                Path::new("a.toml"),
+                "[worker]\nheartbeat_interval = \"200ms\"\n"
+            )
+            .is_ok()
+        );
     }
 
     #[test]

@@ -46,6 +46,65 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
 }
 
+impl Config {
+    /// Settings that parse but cannot work, alone or together: the key to
+    /// point at (dotted) and what is wrong, with what to do.
+    pub fn check_values(&self) -> std::result::Result<(), (&'static str, String)> {
+        let beat = self.worker.heartbeat_interval;
+        let (suspect, unresponsive) = (self.health.suspect_after, self.health.unresponsive_after);
+        if beat.get() < std::time::Duration::from_millis(10) {
+            return Err((
+                "worker.heartbeat_interval",
+                format!("{beat} is too short: use 10ms or more (default 500ms)"),
+            ));
+        }
+        if suspect.get() <= beat.get() {
+            return Err((
+                "health.suspect_after",
+                format!(
+                    "{suspect} must be longer than worker.heartbeat_interval ({beat}), or every \
+                     worker turns suspect between two heartbeats: make it at least 3 intervals"
+                ),
+            ));
+        }
+        if unresponsive.get() < suspect.get() {
+            return Err((
+                "health.unresponsive_after",
+                format!("{unresponsive} must not be shorter than health.suspect_after ({suspect})"),
+            ));
+        }
+        let fractions = [
+            ("health.max_elu", self.health.max_elu),
+            ("health.max_heap_used", self.health.max_heap_used),
+        ];
+        for (key, value) in fractions {
+            if !(value > 0.0 && value <= 1.0) {
+                return Err((
+                    key,
+                    format!(
+                        "{value} is not a fraction above 0 and up to 1 (0.75 means 75%); to turn \
+                         the check off, set [health] enabled = false"
+                    ),
+                ));
+            }
+        }
+        if self.health.max_rss.is_some_and(|s| s.bytes() == 0) {
+            return Err((
+                "health.max_rss",
+                "0B would replace every worker at once: leave it unset for no bound".into(),
+            ));
+        }
+        let ratio = self.telemetry.sampling_ratio;
+        if !(0.0..=1.0).contains(&ratio) {
+            return Err((
+                "telemetry.sampling_ratio",
+                format!("{ratio} is not a fraction from 0 to 1 (0.1 records one trace in ten)"),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Where the service listens and how many workers serve it.
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
@@ -152,7 +211,8 @@ pub struct WorkerConfig {
     /// How long a new worker may take to listen before it is killed and
     /// counted as a failed start.
     pub start_timeout: Duration,
-    /// How often the agent in each worker sends a heartbeat.
+    /// How often the agent in each worker sends a heartbeat (10ms or more,
+    /// and shorter than `[health] suspect_after`).
     pub heartbeat_interval: Duration,
 }
 
@@ -176,16 +236,20 @@ pub struct HealthConfig {
     pub enabled: bool,
     /// No heartbeat for this long: the worker is suspect. New connections
     /// are steered to the other slots at once and a replacement starts.
+    /// Longer than `[worker] heartbeat_interval` (best 3 intervals or more).
     pub suspect_after: Duration,
     /// No heartbeat for this long: the event loop is blocked. The worker is
     /// killed as soon as its replacement listens. (A suspect that recovers
-    /// before this is drained gracefully instead.)
+    /// before this is drained gracefully instead.) Not shorter than
+    /// `suspect_after`.
     pub unresponsive_after: Duration,
-    /// Event-loop utilisation (0..1) above which a worker is saturated...
+    /// Event-loop utilisation (above 0, up to 1) above which a worker is
+    /// saturated...
     pub max_elu: f64,
     /// ...when it stays there this long.
     pub elu_grace: Duration,
-    /// Fraction (0..1) of V8's old-space limit that the heap may use...
+    /// Fraction (above 0, up to 1) of V8's old-space limit that the heap
+    /// may use...
     pub max_heap_used: f64,
     /// Resident memory a worker may use (none by default)...
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -39,7 +39,9 @@ impl<'de> Deserialize<'de> for Duration {
             Number(f64),
             Text(String),
         }
-        let text = match Raw::deserialize(d)? {
+        let text = match Raw::deserialize(d).map_err(|_| {
+            serde::de::Error::custom("expected a duration such as \"500ms\", \"5s\" or \"1m\"")
+        })? {
             Raw::Text(t) => interpolate::expand_for_serde::<D>(&t)?,
             Raw::Number(n) => {
                 return Err(serde::de::Error::custom(format!(
@@ -136,7 +138,11 @@ impl<'de> Deserialize<'de> for Port {
             Number(i64),
             Text(String),
         }
-        let n = match Raw::deserialize(d)? {
+        let n = match Raw::deserialize(d).map_err(|_| {
+            serde::de::Error::custom(
+                "expected a port number (1-65535), or a string such as \"${PORT:-3000}\"",
+            )
+        })? {
             Raw::Number(n) => n,
             Raw::Text(t) => {
                 let t = interpolate::expand_for_serde::<D>(&t)?;
@@ -225,7 +231,9 @@ impl<'de> Deserialize<'de> for Workers {
             Number(i64),
             Text(String),
         }
-        match Raw::deserialize(d)? {
+        match Raw::deserialize(d)
+            .map_err(|_| serde::de::Error::custom("expected a number of workers, or \"auto\""))?
+        {
             Raw::Number(n) => Workers::parse(&n.to_string()),
             Raw::Text(t) => Workers::parse(&interpolate::expand_for_serde::<D>(&t)?),
         }
