@@ -50,6 +50,7 @@ const SATURATED_ELU = Number(process.env.AMPERE_SATURATED_ELU ?? 0.9);
 const TRACE_RATIO = process.env.AMPERE_TRACE_RATIO === undefined ? -1 : Number(process.env.AMPERE_TRACE_RATIO);
 const TRACING = TRACE_RATIO >= 0;
 const SPAN_BATCH = 256;
+const MAX_SPAN_TEXT = 1024;
 const MAX_UNSENT_BYTES = 4 * 1048576;
 
 // With `[app] command`, the process ampere starts may be a wrapper (npm,
@@ -429,8 +430,9 @@ function start(others) {
       span_id: span.spanId,
       parent_span_id: span.parent,
       method: req?.method ?? 'GET',
-      path: q < 0 ? url : url.slice(0, q),
-      route,
+      // Bounded, so that a batch stays well within the channel's line limit.
+      path: (q < 0 ? url : url.slice(0, q)).slice(0, MAX_SPAN_TEXT),
+      route: route?.slice(0, MAX_SPAN_TEXT) ?? null,
       status: res.statusCode,
       start_us: span.start,
       end_us: nowUs(),

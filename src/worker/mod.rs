@@ -15,7 +15,7 @@ use std::time::Instant;
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
-use tokio_util::codec::{FramedRead, LinesCodec};
+use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 
 pub use control::{AgentMessage, Heartbeat, SupervisorMessage};
 pub use cpu::CpuDemand;
@@ -122,27 +122,10 @@ impl Worker {
         let (read, mut write) = spawned.control.into_split();
         let tx = events.clone();
         tokio::spawn(async move {
-            let mut lines =
-                FramedRead::new(read, LinesCodec::new_with_max_length(control::MAX_LINE));
-            while let Some(line) = lines.next().await {
-                let event = match line {
-                    Ok(line) => match serde_json::from_str(&line) {
-                        Ok(msg) => Event::Message(msg),
-                        Err(e) => Event::BadMessage(e.to_string()),
-                    },
-                    Err(e) => {
-                        let _ = tx.send(WorkerEvent {
-                            slot,
-                            id,
-                            event: Event::BadMessage(e.to_string()),
-                        });
-                        break;
-                    }
-                };
-                if tx.send(WorkerEvent { slot, id, event }).is_err() {
-                    break;
-                }
-            }
+            read_messages(read, |event| {
+                tx.send(WorkerEvent { slot, id, event }).is_ok()
+            })
+            .await
         });
         let (control, mut outbox) = mpsc::unbounded_channel::<SupervisorMessage>();
         tokio::spawn(async move {
@@ -218,5 +201,69 @@ pub fn describe_exit(status: &ExitStatus) -> String {
         }
     } else {
         "unknown status".to_owned()
+    }
+}
+
+/// Reads the agent's messages from `read` and hands each to `deliver` (which
+/// says whether to go on), until the channel ends. One oversized line is
+/// reported and skipped: it must not cut the channel (heartbeats, drains).
+async fn read_messages<R: tokio::io::AsyncRead + Unpin>(
+    read: R,
+    mut deliver: impl FnMut(Event) -> bool,
+) {
+    let mut lines = FramedRead::new(read, LinesCodec::new_with_max_length(control::MAX_LINE));
+    while let Some(line) = lines.next().await {
+        let event = match line {
+            Ok(line) => match serde_json::from_str(&line) {
+                Ok(msg) => Event::Message(msg),
+                Err(e) => Event::BadMessage(e.to_string()),
+            },
+            Err(e) => {
+                let too_long = matches!(e, LinesCodecError::MaxLineLengthExceeded);
+                if !deliver(Event::BadMessage(e.to_string())) || !too_long {
+                    return;
+                }
+                // The codec goes on to skip the rest of that line, in a
+                // fresh reader (the old one ends after an error) with what
+                // was read already.
+                let codec = lines.decoder().clone();
+                let rest = lines.read_buffer().clone();
+                lines = FramedRead::new(lines.into_inner(), codec);
+                lines.read_buffer_mut().extend_from_slice(&rest);
+                continue;
+            }
+        };
+        if !deliver(event) {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod reading_tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test]
+    async fn an_oversized_message_is_reported_and_the_next_one_read() {
+        let (mut agent, ours) = tokio::io::duplex(64 * 1024);
+        let writer = tokio::spawn(async move {
+            let long = vec![b'x'; control::MAX_LINE + 10];
+            agent.write_all(&long).await.unwrap();
+            agent.write_all(b"\n{\"type\":\"pong\"}\n").await.unwrap();
+        });
+        let mut events = Vec::new();
+        read_messages(ours, |e| {
+            events.push(e);
+            true
+        })
+        .await;
+        writer.await.unwrap();
+        assert_eq!(events.len(), 2, "{events:?}");
+        assert!(matches!(events[0], Event::BadMessage(_)), "{events:?}");
+        assert!(
+            matches!(events[1], Event::Message(AgentMessage::Pong)),
+            "{events:?}"
+        );
     }
 }
