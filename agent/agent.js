@@ -367,7 +367,10 @@ function start(others) {
         send({ type: 'overloaded', reason, beyond_max: beyondMax });
       }
     }
-    res.writeHead(503, { 'retry-after': RETRY_AFTER, connection: 'close', 'content-type': 'text/plain' });
+    // HTTP/2 has no Connection header (node 22 warns and drops it): the
+    // stream ends with the response.
+    if (res.req?.httpVersionMajor === 2) res.writeHead(503, { 'retry-after': RETRY_AFTER, 'content-type': 'text/plain' });
+    else res.writeHead(503, { 'retry-after': RETRY_AFTER, connection: 'close', 'content-type': 'text/plain' });
     res.end('overloaded\n');
   }
   function takeRejected() {

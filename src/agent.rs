@@ -24,13 +24,15 @@ impl RuntimeDir {
     /// Creates `<base>/<pid>/` under `$XDG_RUNTIME_DIR/ampere` or
     /// `$TMPDIR/ampere-<uid>` and writes the agent into it.
     pub fn create() -> Result<RuntimeDir> {
-        let dir = base_dir().join(std::process::id().to_string());
+        let base = base_dir();
+        let dir = base.join(std::process::id().to_string());
         let context = |e| Error::io(format!("creating runtime directory {}", dir.display()), e);
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(&dir)
             .map_err(context)?;
+        check_private(&base)?;
         let agent = dir.join("agent.js");
         write_private(&agent, SOURCE.as_bytes())
             .map_err(|e| Error::io(format!("writing {}", agent.display()), e))?;
@@ -55,6 +57,31 @@ pub fn base_dir() -> PathBuf {
     }
 }
 
+/// The base directory may be in a shared place (`/tmp`): it must be this
+/// user's own directory, closed to others, or whoever made it could swap
+/// the agent that every worker runs.
+fn check_private(base: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::symlink_metadata(base)
+        .map_err(|e| Error::io(format!("checking runtime directory {}", base.display()), e))?;
+    let problem = if !meta.file_type().is_dir() {
+        Some("is not a directory (a symbolic link?)")
+    } else if meta.uid() != nix::unistd::geteuid().as_raw() {
+        Some("belongs to another user")
+    } else if meta.mode() & 0o077 != 0 {
+        Some("is open to other users")
+    } else {
+        None
+    };
+    match problem {
+        None => Ok(()),
+        Some(problem) => Err(Error::app(
+            format!("runtime directory {} {problem}", base.display()),
+            "remove it (ampere makes its own, mode 0700), or set XDG_RUNTIME_DIR to a private directory",
+        )),
+    }
+}
+
 impl Drop for RuntimeDir {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.dir);
@@ -69,4 +96,27 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .mode(0o600)
         .open(path)?;
     file.write_all(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_base_directory_others_could_change_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let private = tmp.path().join("private");
+        fs::DirBuilder::new().mode(0o700).create(&private).unwrap();
+        assert!(check_private(&private).is_ok());
+        let open = tmp.path().join("open");
+        fs::create_dir(&open).unwrap();
+        fs::set_permissions(&open, fs::Permissions::from_mode(0o777)).unwrap();
+        let e = check_private(&open).unwrap_err().to_string();
+        assert!(e.contains("is open to other users"), "{e}");
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&private, &link).unwrap();
+        let e = check_private(&link).unwrap_err().to_string();
+        assert!(e.contains("is not a directory"), "{e}");
+    }
 }

@@ -198,8 +198,6 @@ fn every_command_works_against_a_running_runtime() {
             }
         }
     }
-    let _ = follow.kill();
-    let _ = follow.wait();
     assert!(seen, "logs -f never showed a reload");
 
     let completions = stdout(&rt.cli(&["completions", "bash"]).success());
@@ -219,6 +217,20 @@ fn every_command_works_against_a_running_runtime() {
 
     rt.cli(&["stop"]).success();
     assert_eq!(rt.ampere.wait_exit(READY), Some(0));
+    // The runtime stopped: what there was to follow has ended, without an
+    // error.
+    let deadline = std::time::Instant::now() + READY;
+    let followed = loop {
+        if let Some(status) = follow.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = follow.kill();
+            panic!("logs -f outlived its runtime");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(followed.success(), "logs -f ended with {followed}");
     let none = stdout(&rt.cli(&["ps"]).success());
     assert!(none.contains("no ampere runtime"), "{none}");
 }

@@ -65,6 +65,26 @@ fn flags_override_the_file_which_overrides_defaults() {
     assert!(out.contains("2 worker(s) on 127.0.0.1:4100"), "{out}");
 }
 
+/// `config check` output ends up in CI logs: the workers' environment
+/// values (secrets, often) are not in it.
+#[test]
+fn check_shows_environment_names_not_values() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("server.js"), "").unwrap();
+    std::fs::write(
+        dir.path().join("ampere.toml"),
+        "[app]\nentry = \"server.js\"\n[env]\nDATABASE_URL = \"${AMPERE_TEST_DB}\"\n",
+    )
+    .unwrap();
+    let out = check(
+        dir.path(),
+        &[],
+        &[("AMPERE_TEST_DB", "postgres://u:hunter2@db/app")],
+    );
+    assert!(out.contains("DATABASE_URL = \"(set)\""), "{out}");
+    assert!(!out.contains("hunter2"), "{out}");
+}
+
 #[test]
 fn start_scripts_and_main_are_detected() {
     let out = check(&fixture("fastify"), &[], &[]);

@@ -121,7 +121,9 @@ pub async fn follow(
     let status = res.status().as_u16();
     let mut body = res.into_body();
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| ClientError::Http(e.to_string()))?;
+        // The runtime ends the stream when it stops: that is the end of
+        // what there is to follow, not a failure.
+        let Ok(frame) = frame else { break };
         if let Some(data) = frame.data_ref()
             && !each(data)
         {

@@ -18,8 +18,9 @@ pub struct Found {
     pub socket: PathBuf,
 }
 
-/// The runtimes of this user that are alive. Stale directories (the pid is
-/// gone, or nothing listens on the socket any more) are removed.
+/// The runtimes of this user that are alive. Stale directories (nothing
+/// listens on the socket any more, or without a socket, the pid is gone)
+/// are removed.
 pub fn list() -> Vec<Found> {
     let base = crate::agent::base_dir();
     let Ok(entries) = std::fs::read_dir(&base) else {
@@ -34,7 +35,7 @@ pub fn list() -> Vec<Found> {
             if pid == std::process::id() {
                 return None;
             }
-            if !alive(pid) || (socket.exists() && refused(&socket)) {
+            if stale(pid, &socket) {
                 let _ = std::fs::remove_dir_all(&dir);
                 return None;
             }
@@ -43,6 +44,17 @@ pub fn list() -> Vec<Found> {
         .collect();
     found.sort_by_key(|f| f.pid);
     found
+}
+
+/// Whether a runtime directory is left over: judged by its socket where it
+/// has one, since a runtime in another pid namespace (a container sharing
+/// /tmp) is alive although its pid is not.
+fn stale(pid: u32, socket: &Path) -> bool {
+    if socket.exists() {
+        refused(socket)
+    } else {
+        !alive(pid)
+    }
 }
 
 fn alive(pid: u32) -> bool {
@@ -72,7 +84,7 @@ pub fn pick(runtime: Option<&str>) -> Result<PathBuf, Error> {
             return Ok(PathBuf::from(r));
         }
         let pid: u32 = r.parse().map_err(|_| Error::Flag {
-            flag: "RUNTIME",
+            flag: "--runtime",
             message: format!("{r:?} is neither a pid nor a socket path"),
         })?;
         return list()
@@ -105,5 +117,30 @@ pub fn pick(runtime: Option<&str>) -> Result<PathBuf, Error> {
             ),
             hint: Some("pass its pid, e.g. `ampere status PID` or `--runtime PID`".into()),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pid no process has here (above the kernel's pid_max).
+    const GONE: u32 = 1 << 23;
+
+    #[test]
+    fn a_runtime_is_judged_by_its_socket_not_its_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join(SOCKET);
+        // Listening, though its pid is not in this namespace: alive.
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        assert!(!stale(GONE, &socket));
+        // Nobody listens any more: left over, whatever its pid.
+        drop(listener);
+        assert!(stale(std::process::id(), &socket));
+        // No socket (a runtime just starting, or one without an admin
+        // API): the pid decides.
+        let none = dir.path().join("none.sock");
+        assert!(!stale(std::process::id(), &none));
+        assert!(stale(GONE, &none));
     }
 }

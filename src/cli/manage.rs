@@ -40,8 +40,16 @@ pub struct PsArgs {
 #[derive(Debug, Args)]
 pub struct StatusArgs {
     /// The runtime: its pid, or the path of its admin socket.
-    #[arg(value_name = "RUNTIME")]
+    #[arg(value_name = "RUNTIME", conflicts_with = "runtime_flag")]
     runtime: Option<String>,
+    /// The same, as the other commands take it.
+    #[arg(
+        long = "runtime",
+        short = 'r',
+        value_name = "PID|SOCKET",
+        id = "runtime_flag"
+    )]
+    runtime_flag: Option<String>,
     #[command(flatten)]
     json: Json,
 }
@@ -270,7 +278,7 @@ pub fn ps(args: &PsArgs) -> Result<ExitCode> {
 }
 
 pub fn status(args: &StatusArgs) -> Result<ExitCode> {
-    let socket = discovery::pick(args.runtime.as_deref())?;
+    let socket = discovery::pick(args.runtime.as_deref().or(args.runtime_flag.as_deref()))?;
     let workers: Vec<WorkerStatus> = parse(&call(&socket, "GET", "/v1/workers", None)?)?;
     if args.json.json {
         print_json(&workers);
@@ -345,6 +353,7 @@ pub fn logs(args: &LogsArgs) -> Result<ExitCode> {
             hint: None,
         });
     }
+    eprintln!("(the runtime stopped)");
     Ok(ExitCode::SUCCESS)
 }
 

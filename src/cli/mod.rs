@@ -350,6 +350,14 @@ fn check(args: &StartArgs) -> Result<ExitCode> {
     }
     let mut effective = settings.config.clone();
     effective.schema = None;
+    // Worker environment values are often secrets (DATABASE_URL = "${...}"),
+    // and this output ends up in CI logs: names only.
+    if !effective.env.is_empty() {
+        println!("# [env] values are not shown");
+        for value in effective.env.values_mut() {
+            *value = "(set)".into();
+        }
+    }
     let text = toml::to_string_pretty(&effective)
         .map_err(|e| Error::io("rendering the settings", std::io::Error::other(e)))?;
     print!("{text}");
