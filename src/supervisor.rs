@@ -46,8 +46,12 @@ enum Phase {
     /// Until the replacement listens (and, for a suspect, until it either
     /// recovers or turns unresponsive).
     Waiting,
-    /// Asked to drain; killed if not gone by the deadline.
+    /// Asked to drain; stopped with SIGTERM if not gone by the deadline.
     Draining { deadline: Instant },
+    /// Did not finish draining (connections that never end: WebSockets,
+    /// streams): SIGTERM sent, so that the app's own shutdown runs and
+    /// closes them; killed if not gone by `kill_at`.
+    Terminating { kill_at: Instant },
     /// SIGKILL sent; waiting for the exit.
     Killed,
 }
@@ -71,6 +75,10 @@ fn queue_limit(backlog: u32, capacity: Option<f64>, window: Duration) -> u32 {
         _ => half,
     }
 }
+
+/// How long a replaced worker that did not finish draining has, after its
+/// SIGTERM, to run the app's own shutdown before it is killed.
+const TERM_GRACE: Duration = Duration::from_secs(5);
 
 /// How long an overload episode lasts after the last rejection or stall.
 const PRESSURE_HOLD: Duration = Duration::from_secs(1);
@@ -928,7 +936,7 @@ impl Supervisor {
             let slot = &mut self.slots[index];
             // Suspects that stayed silent become unresponsive: killed once
             // the replacement listens; stragglers past their drain deadline
-            // are killed.
+            // are stopped with SIGTERM, and killed if that does not end them.
             let replacement_ready = slot
                 .worker
                 .as_ref()
@@ -941,7 +949,20 @@ impl Supervisor {
                             service = &*self.service,
                             worker = index,
                             worker_pid = r.worker.pid,
-                            "replaced worker did not finish draining in time; killing it"
+                            "replaced worker did not finish draining in time; stopping it (SIGTERM)"
+                        );
+                        r.worker.signal(Signal::SIGTERM);
+                        r.phase = Phase::Terminating {
+                            kill_at: now + TERM_GRACE,
+                        };
+                    }
+                    Phase::Terminating { kill_at } if now >= kill_at => {
+                        warn!(
+                            service = &*self.service,
+                            worker = index,
+                            worker_pid = r.worker.pid,
+                            grace_ms = TERM_GRACE.as_millis() as u64,
+                            "replaced worker did not exit after SIGTERM; killing it"
                         );
                         r.worker.signal(Signal::SIGKILL);
                         r.phase = Phase::Killed;
@@ -992,6 +1013,7 @@ impl Supervisor {
             for r in &s.retiring {
                 match r.phase {
                     Phase::Draining { deadline } => consider(deadline),
+                    Phase::Terminating { kill_at } => consider(kill_at),
                     Phase::Waiting if r.worker.suspect && replacement_ready => {
                         consider(r.worker.tracker.last_beat + health.unresponsive_after.get())
                     }

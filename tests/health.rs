@@ -206,6 +206,43 @@ fn rolling_restart_loses_nothing(keep_alive: bool) {
     }
 }
 
+/// A worker whose connections never end (a stream, a WebSocket) cannot
+/// finish draining: at the deadline it gets SIGTERM, so that the app's own
+/// shutdown runs, rather than being killed outright.
+#[test]
+fn a_worker_that_cannot_finish_draining_gets_sigterm_before_sigkill() {
+    let config = hello_config("[env]\nHELLO_ON_SIGTERM = \"1\"\n[shutdown]\ntimeout = \"1s\"\n");
+    let mut ampere = Ampere::start(
+        &fixture("hello"),
+        &["--workers", "1", "--config", &config.path],
+    );
+    let old = ampere.wait_ready(1, READY)[0];
+    let addr = ampere.addr();
+    // Outlasts the drain deadline by far.
+    let endless = std::thread::spawn(move || get(addr, "/slow?ms=60000", Duration::from_secs(90)));
+    wait_until(READY, "the request in flight", || {
+        metric(&ampere, "http_requests_in_flight", "worker=\"0\"") == 1.0
+    });
+    ampere.signal(Signal::SIGHUP);
+    let ran = ampere
+        .logs
+        .wait_for(READY, "the app's SIGTERM handler", |l| {
+            l["msg"] == "fixture-hello: SIGTERM handler ran"
+        });
+    assert_eq!(ran["pid"].as_u64(), Some(u64::from(old)), "{ran}");
+    ampere.logs.wait_for(READY, "the old worker to stop", |l| {
+        msg_is(l, "replaced worker stopped") && pid_of(l) == old
+    });
+    assert_eq!(
+        ampere
+            .logs
+            .count(|l| msg_is(l, "replaced worker did not exit after SIGTERM; killing it")),
+        0
+    );
+    // The request it could not finish was cut, not answered late.
+    assert!(endless.join().unwrap().is_err());
+}
+
 #[test]
 fn rolling_restart_on_new_connections_loses_nothing() {
     rolling_restart_loses_nothing(false);
