@@ -12,6 +12,7 @@ mod cli;
 mod config;
 mod error;
 mod health;
+mod init;
 mod listeners;
 mod overflow;
 mod supervisor;

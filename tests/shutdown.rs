@@ -172,3 +172,49 @@ fn workers_die_with_the_supervisor() {
         || workers.iter().all(|pid| !alive(*pid)),
     );
 }
+
+fn comm(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+/// As a container's first process (PID 1 of a new pid namespace, as under
+/// Docker or Kubernetes), ampere reaps the orphans the app leaves behind,
+/// and stops on SIGTERM as it does anywhere.
+#[test]
+fn as_pid_1_orphans_are_reaped_and_sigterm_stops() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root for a new pid namespace (unshare --pid)");
+        return;
+    }
+    let port = free_port();
+    let metrics_port = free_port();
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["--pid", "--fork", "--mount-proc", AMPERE, "start"])
+        .arg(fixture("hello"))
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .args([
+            "--metrics-port",
+            &metrics_port.to_string(),
+            "--workers",
+            "1",
+        ]);
+    let mut ampere = Ampere::spawn(cmd, port, metrics_port);
+    ampere.wait_ready(1, READY);
+    // ampere as PID 1 in there: unshare's child.
+    let pid1 = children(ampere.child.id())[0];
+    assert_eq!(comm(pid1), "ampere");
+    let r = get(ampere.addr(), "/orphan?ms=300", Duration::from_secs(10)).unwrap();
+    assert_eq!(r.status, 200);
+    wait_until(READY, "the orphan to come under PID 1", || {
+        children(pid1).iter().any(|p| comm(*p) == "sleep")
+    });
+    // Once it has ended, not even a zombie is left.
+    wait_until(READY, "the orphan to be reaped", || {
+        !children(pid1).iter().any(|p| comm(*p) == "sleep")
+    });
+    signal(pid1, Signal::SIGTERM);
+    assert_eq!(ampere.wait_exit(READY), Some(0));
+}

@@ -173,6 +173,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 fn start(args: &StartArgs) -> Result<ExitCode> {
+    // First, while no other thread exists.
+    if let Some(code) = crate::init::stand_in_if_pid1()? {
+        return Ok(code);
+    }
     let settings = config::resolve(&args.overrides())?;
     raise_fd_limit();
     let config = &settings.config;
