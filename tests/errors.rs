@@ -233,3 +233,36 @@ fn a_closed_pipe_ends_a_command_without_a_panic() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_ne!(out.status.code(), Some(101), "{stderr}");
 }
+
+#[test]
+fn a_directory_or_a_file_in_the_wrong_place_is_named_as_such() {
+    let dir = app_with("ampere.toml", "[app]\nentry = \"server.js\"\n");
+    let d = dir.path().to_str().unwrap();
+    let out = ampere(dir.path(), &["config", "check", "--config", d], &[]);
+    assert_error(&out, &["--config", "is a directory, not a file"]);
+    let file = dir.path().join("server.js");
+    let out = ampere(
+        dir.path(),
+        &["config", "check", file.to_str().unwrap()],
+        &[],
+    );
+    assert_error(&out, &["is a file, not a directory"]);
+}
+
+#[test]
+fn the_metrics_port_cannot_be_the_service_port() {
+    let dir = app_with("ampere.toml", "[app]\nentry = \"server.js\"\n");
+    let out = ampere(
+        dir.path(),
+        &[
+            "config",
+            "check",
+            "--port",
+            "18131",
+            "--metrics-port",
+            "18131",
+        ],
+        &[],
+    );
+    assert_error(&out, &["the service's own port 18131"]);
+}

@@ -26,8 +26,13 @@ pub struct Overrides {
 pub fn resolve(flags: &Overrides) -> Result<Settings> {
     let dir = flags.dir.clone().unwrap_or_else(|| PathBuf::from("."));
     if !dir.is_dir() {
+        let what = if dir.exists() {
+            "is a file, not a directory"
+        } else {
+            "does not exist"
+        };
         return Err(Error::app(
-            format!("app directory {} does not exist", dir.display()),
+            format!("app directory {} {what}", dir.display()),
             "pass the directory of a Node.js app: ampere start path/to/app",
         ));
     }
@@ -81,6 +86,15 @@ pub fn resolve(flags: &Overrides) -> Result<Settings> {
         },
     })?;
     let addr = SocketAddr::new(host, config.server.port.0);
+    if config.metrics.enabled && config.metrics.port.0 == addr.port() {
+        return Err(Error::app(
+            format!(
+                "the probe and metrics server would listen on the service's own port {}",
+                addr.port()
+            ),
+            "set [metrics] port (or --metrics-port) to another port, or turn it off with --metrics-port off",
+        ));
+    }
     let metrics_addr = if config.metrics.enabled {
         let host = parse_host(config.metrics.host.as_str()).map_err(|message| match &source {
             Some(path) => error_at_key(path, "metrics.host", message),
@@ -144,9 +158,14 @@ pub fn resolve(flags: &Overrides) -> Result<Settings> {
 fn find_config(dir: &Path, explicit: Option<&Path>) -> Result<Option<PathBuf>> {
     if let Some(path) = explicit {
         if !path.is_file() {
+            let what = if path.is_dir() {
+                "is a directory, not a file"
+            } else {
+                "does not exist"
+            };
             return Err(Error::Flag {
                 flag: "--config",
-                message: format!("config file {} does not exist", path.display()),
+                message: format!("config file {} {what}", path.display()),
             });
         }
         return Ok(Some(path.to_path_buf()));
@@ -411,6 +430,11 @@ mod tests {
             )
             .is_ok()
         );
+        let text = "[telemetry]\nenabled = true\nendpoint = \"not a url\"\n";
+        let e = parse_text(Path::new("a.toml"), text)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("a.toml:3:12: telemetry.endpoint"), "{e}");
     }
 
     #[test]

@@ -94,6 +94,18 @@ impl Config {
                 "0B would replace every worker at once: leave it unset for no bound".into(),
             ));
         }
+        let endpoint = self.telemetry.endpoint.as_str();
+        let http_url = endpoint
+            .parse::<hyper::Uri>()
+            .is_ok_and(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some());
+        if self.telemetry.enabled && !http_url {
+            return Err((
+                "telemetry.endpoint",
+                format!(
+                    "{endpoint:?} is not an http(s) URL: write it like \"http://collector:4318/v1/traces\""
+                ),
+            ));
+        }
         let ratio = self.telemetry.sampling_ratio;
         if !(0.0..=1.0).contains(&ratio) {
             return Err((
