@@ -539,7 +539,6 @@ function start(others) {
     setTimeout(beat, high ? Math.min(100, HEARTBEAT_MS) : HEARTBEAT_MS).unref();
   };
   setTimeout(beat, HEARTBEAT_MS).unref();
-
 }
 
 // Nanoseconds this thread has run on a CPU or waited in a run queue for
