@@ -86,15 +86,6 @@ pub fn resolve(flags: &Overrides) -> Result<Settings> {
         },
     })?;
     let addr = SocketAddr::new(host, config.server.port.0);
-    if config.metrics.enabled && config.metrics.port.0 == addr.port() {
-        return Err(Error::app(
-            format!(
-                "the probe and metrics server would listen on the service's own port {}",
-                addr.port()
-            ),
-            "set [metrics] port (or --metrics-port) to another port, or turn it off with --metrics-port off",
-        ));
-    }
     let metrics_addr = if config.metrics.enabled {
         let host = parse_host(config.metrics.host.as_str()).map_err(|message| match &source {
             Some(path) => error_at_key(path, "metrics.host", message),
@@ -107,6 +98,18 @@ pub fn resolve(flags: &Overrides) -> Result<Settings> {
     } else {
         None
     };
+    if let Some(m) = metrics_addr
+        && m.port() == addr.port()
+        && (m.ip() == addr.ip() || m.ip().is_unspecified() || addr.ip().is_unspecified())
+    {
+        return Err(Error::app(
+            format!(
+                "the probe and metrics server would listen on the service's own port {}",
+                addr.port()
+            ),
+            "set [metrics] port (or --metrics-port) to another port, or turn it off with --metrics-port off",
+        ));
+    }
     let workers = config.server.workers.resolve();
 
     let (launch, package_name) = detect::detect(&app_dir, &config.app)?;
