@@ -395,6 +395,18 @@ mod tests {
     }
 
     #[test]
+    fn negative_durations_and_sizes_say_so() {
+        let e = parse_text(Path::new("a.toml"), "[shutdown]\ntimeout = \"-1s\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("a duration cannot be negative"), "{e}");
+        let e = parse_text(Path::new("a.toml"), "[health]\nmax_rss = \"-5MiB\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("a size cannot be negative"), "{e}");
+    }
+
+    #[test]
     fn settings_that_cannot_work_together_name_their_line() {
         let text = "[worker]\nheartbeat_interval = \"2s\"\n";
         let e = parse_text(Path::new("a.toml"), text)

@@ -49,6 +49,11 @@ impl<'de> Deserialize<'de> for Duration {
                 )));
             }
         };
+        if text.trim().starts_with('-') {
+            return Err(serde::de::Error::custom(format!(
+                "invalid duration {text:?}: a duration cannot be negative"
+            )));
+        }
         humantime::parse_duration(text.trim())
             .map(Duration)
             .map_err(|e| {
@@ -304,6 +309,11 @@ impl fmt::Display for Size {
 impl<'de> Deserialize<'de> for Size {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = interpolate::expand_for_serde::<D>(&String::deserialize(d)?)?;
+        if text.trim().starts_with('-') {
+            return Err(serde::de::Error::custom(format!(
+                "invalid size {text:?}: a size cannot be negative"
+            )));
+        }
         text.trim()
             .parse::<bytesize::ByteSize>()
             .map(|b| Size(b.as_u64()))
