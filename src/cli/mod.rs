@@ -244,7 +244,11 @@ fn start(args: &StartArgs) -> Result<ExitCode> {
         commands: admin_tx,
         service_addr: settings.addr,
     });
-    let overrides = args.overrides();
+    // Reloads come from `ampere reload`, run from anywhere: the paths in
+    // their errors must not be relative to this process's directory.
+    let mut overrides = args.overrides();
+    overrides.dir = overrides.dir.map(|d| std::path::absolute(&d).unwrap_or(d));
+    overrides.config = overrides.config.map(|c| std::path::absolute(&c).unwrap_or(c));
     let reloader = Box::new(move || config::resolve(&overrides));
     let mut supervisor = Supervisor::new(
         settings,
