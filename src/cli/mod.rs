@@ -248,7 +248,9 @@ fn start(args: &StartArgs) -> Result<ExitCode> {
     // their errors must not be relative to this process's directory.
     let mut overrides = args.overrides();
     overrides.dir = overrides.dir.map(|d| std::path::absolute(&d).unwrap_or(d));
-    overrides.config = overrides.config.map(|c| std::path::absolute(&c).unwrap_or(c));
+    overrides.config = overrides
+        .config
+        .map(|c| std::path::absolute(&c).unwrap_or(c));
     let reloader = Box::new(move || config::resolve(&overrides));
     let mut supervisor = Supervisor::new(
         settings,
