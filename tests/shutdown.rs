@@ -192,15 +192,23 @@ fn as_pid_1_orphans_are_reaped_and_sigterm_stops() {
     let port = free_port();
     let metrics_port = free_port();
     let mut cmd = std::process::Command::new("unshare");
-    cmd.args(["--pid", "--fork", "--mount-proc", AMPERE, "start"])
-        .arg(fixture("hello"))
-        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-        .args([
-            "--metrics-port",
-            &metrics_port.to_string(),
-            "--workers",
-            "1",
-        ]);
+    // --kill-child: a failing test (which kills unshare) leaves nothing.
+    cmd.args([
+        "--pid",
+        "--fork",
+        "--mount-proc",
+        "--kill-child",
+        AMPERE,
+        "start",
+    ])
+    .arg(fixture("hello"))
+    .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+    .args([
+        "--metrics-port",
+        &metrics_port.to_string(),
+        "--workers",
+        "1",
+    ]);
     let mut ampere = Ampere::spawn(cmd, port, metrics_port);
     ampere.wait_ready(1, READY);
     // ampere as PID 1 in there: unshare's child.
