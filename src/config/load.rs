@@ -394,46 +394,39 @@ mod tests {
         })
     }
 
+    /// The error message for `text` as the config file `name`.
+    fn error_of(name: &str, text: &str) -> String {
+        parse_text(Path::new(name), text).unwrap_err().to_string()
+    }
+
     #[test]
     fn negative_durations_and_sizes_say_so() {
-        let e = parse_text(Path::new("a.toml"), "[shutdown]\ntimeout = \"-1s\"\n")
-            .unwrap_err()
-            .to_string();
+        let e = error_of("a.toml", "[shutdown]\ntimeout = \"-1s\"\n");
         assert!(e.contains("a duration cannot be negative"), "{e}");
-        let e = parse_text(Path::new("a.toml"), "[health]\nmax_rss = \"-5MiB\"\n")
-            .unwrap_err()
-            .to_string();
+        let e = error_of("a.toml", "[health]\nmax_rss = \"-5MiB\"\n");
         assert!(e.contains("a size cannot be negative"), "{e}");
     }
 
     #[test]
     fn settings_that_cannot_work_together_name_their_line() {
         let text = "[worker]\nheartbeat_interval = \"2s\"\n";
-        let e = parse_text(Path::new("a.toml"), text)
-            .unwrap_err()
-            .to_string();
+        let e = error_of("a.toml", text);
         // Not the interval's line: suspect_after is not in the file.
         assert!(
             e.contains("health.suspect_after: 1s 500ms must be longer"),
             "{e}"
         );
         let text = "[health]\nenabled = true\nsuspect_after = \"400ms\"\n";
-        let e = parse_text(Path::new("a.toml"), text)
-            .unwrap_err()
-            .to_string();
+        let e = error_of("a.toml", text);
         assert!(e.starts_with("a.toml:3:17: health.suspect_after"), "{e}");
         let text = "[health]\nmax_heap_used = 75\n";
-        let e = parse_text(Path::new("a.toml"), text)
-            .unwrap_err()
-            .to_string();
+        let e = error_of("a.toml", text);
         assert!(
             e.starts_with("a.toml:2:17: health.max_heap_used: 75 is not a fraction"),
             "{e}"
         );
         let text = "{\"telemetry\": {\"sampling_ratio\": 5}}";
-        let e = parse_text(Path::new("a.json"), text)
-            .unwrap_err()
-            .to_string();
+        let e = error_of("a.json", text);
         assert!(
             e.starts_with("a.json:1:16: telemetry.sampling_ratio"),
             "{e}"
@@ -446,9 +439,7 @@ mod tests {
             .is_ok()
         );
         let text = "[telemetry]\nenabled = true\nendpoint = \"not a url\"\n";
-        let e = parse_text(Path::new("a.toml"), text)
-            .unwrap_err()
-            .to_string();
+        let e = error_of("a.toml", text);
         assert!(e.starts_with("a.toml:3:12: telemetry.endpoint"), "{e}");
     }
 
