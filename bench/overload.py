@@ -18,8 +18,8 @@ bench/apps/next: a Next.js App Router page rendered on every request), with
 Setups: ampere (defaults: admission control with max_delay 100 ms,
 load-aware steering, rebalancing, overflow listener), ampere-strict (the
 same with max_delay 20 ms), ampere-off (all of those off), pm2 (cluster
-mode, 2 instances), watt (wattpm, 2 workers). With --pin (the default),
-every setup runs on the last CPU and oha on the others.
+mode, 2 instances), watt (wattpm, 2 workers). Unless --no-pin, every
+setup runs on the last --server-cpus CPUs (default 1) and oha on the others.
 
 Reported per setup and rate (medians over rounds, with min..max): goodput
 (200s per second), p50 and p99 of the 200s, the share of 503s, the share
@@ -225,6 +225,9 @@ def main():
     ap.add_argument("--no-pin", action="store_true",
                     help="let servers and load generator share every CPU (default: servers on the last CPU, "
                          "oha on the others)")
+    ap.add_argument("--server-cpus", type=int, default=1,
+                    help="CPUs for the setup under test, the last ones; oha gets the others (default 1: both "
+                         "workers share one CPU; 2 gives each worker a CPU of its own, as a 2-CPU pod would)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
 
@@ -232,19 +235,25 @@ def main():
     oha_bin = ensure_oha()
     AMPERE_EXTRA[0] = args.ampere_config.replace("\\n", "\n")
     if not args.no_pin:
-        n = os.cpu_count()
-        PIN[:] = ["taskset", "-c", str(n - 1)]
-        LOAD_PIN[:] = ["taskset", "-c", f"0-{n - 2}" if n > 2 else "0"]
+        n, k = os.cpu_count(), args.server_cpus
+        if not 1 <= k < n:
+            raise SystemExit(f"--server-cpus {k}: this machine has {n} CPUs; give 1 to {n - 1}, so that oha keeps one")
+        PIN[:] = ["taskset", "-c", f"{n - k}-{n - 1}"]
+        LOAD_PIN[:] = ["taskset", "-c", f"0-{n - k - 1}"]
     setups = [s for s in args.setups.split(",") if s]
     apps = [a for a in args.apps.split(",") if a]
     factors = [float(f) for f in args.factors.split(",")]
-    if {"pm2", "watt"} & set(setups):
-        ensure_peers()
+    needed = (["pm2"] if "pm2" in setups else []) + (
+        ["wattpm", "@platformatic/node"] + (["@platformatic/next", "@platformatic/job-queue"] if "next" in apps else [])
+        if "watt" in setups else [])
+    if needed:
+        ensure_peers(needed)
     if "next" in apps:
         prepare_next(node)
     ampere = ensure_ampere(args.ampere)
 
     runs, capacities = [], {}
+    failed = {}  # setup -> why it was left out
     for app_name in apps:
         path = APPS[app_name]["path"]
         capacities[app_name] = []
@@ -262,6 +271,8 @@ def main():
             for factor in factors:
                 rate = max(1, round(cap * factor))
                 for setup in (setups if rnd % 2 == 0 else setups[::-1]):
+                    if setup in failed:
+                        continue
                     with tempfile.TemporaryDirectory(prefix="ampere-overload-") as tmp:
                         port = free_port()
                         running = start(setup, Path(tmp), node, port, ampere, app_name)
@@ -272,6 +283,11 @@ def main():
                             m = analyse(oha(oha_bin, port, path, args.duration, rate=rate, csv_out=True),
                                         args.duration, rate)
                             m["syn_drops"] = listen_drops() - drops
+                        except Exception as e:  # noqa: BLE001 - one broken setup must not lose the others' runs
+                            failed[setup] = f"{e}; its log ends: {running.log()[-800:]}"
+                            print(f"{app_name} round {rnd} x{factor} {setup}: FAILED, left out from here on: "
+                                  f"{failed[setup]}", file=sys.stderr)
+                            continue
                         finally:
                             running.stop()
                     m.update(app=app_name, setup=setup, factor=factor, rate=rate, round=rnd,
@@ -289,10 +305,13 @@ def main():
         for factor in factors:
             for setup in setups:
                 rs = [r for r in runs if (r["app"], r["factor"], r["setup"]) == (app_name, factor, setup)]
+                if not rs:
+                    continue
                 summary[f"{app_name}/{factor}/{setup}"] = {k: spread([r[k] for r in rs]) for k in keys}
 
     meta = machine_meta(node, oha_bin)
-    meta.update(rounds=args.rounds, duration_s=args.duration, capacities=capacities, factors=factors)
+    meta.update(rounds=args.rounds, duration_s=args.duration, capacities=capacities, factors=factors,
+                server_cpus=None if args.no_pin else args.server_cpus, failed=failed)
     med = cell
     lines = [
         "# bench/overload: goodput and latency beyond capacity",
@@ -300,7 +319,10 @@ def main():
         f"{meta['time']} on {meta['machine']}; node {meta['node']}; {meta['oha']}; 2 workers per setup; "
         f"open loop (oha -q RATE --latency-correction, keep-alive, up to 1,000 connections, 5 s timeout), "
         f"{args.duration} s per run after a {args.warmup} s warm-up; {args.rounds} interleaved rounds. "
-        f"Load average before: {meta['loadavg_before'][0]:.2f}.",
+        + ("Servers and oha share every CPU. " if args.no_pin else
+           f"Each setup (supervisor and workers) on {args.server_cpus} CPU(s) of its own (taskset), oha on the "
+           f"other {os.cpu_count() - args.server_cpus}. ")
+        + f"Load average before: {meta['loadavg_before'][0]:.2f}.",
         "",
         "Capacity (ampere-off, closed loop, keep-alive, 50 connections), measured at the start of each round; "
         "each round's rates and shares of capacity use its own: "
@@ -316,12 +338,16 @@ def main():
     for app_name in apps:
         for factor in factors:
             for setup in setups:
-                s = summary[f"{app_name}/{factor}/{setup}"]
+                s = summary.get(f"{app_name}/{factor}/{setup}")
+                if s is None:
+                    continue
                 good = s["goodput"]
                 pct = med(s["capacity_share"], 0, 100)
                 lines.append(f"| {app_name} | {factor}x | {setup} | {med(good, 0)} | {pct} | {med(s['p50_ms'], 1)} | "
                              f"{med(s['p99_ms'], 1)} | {med(s['rejected_share'], 1, 100)} | "
                              f"{med(s['rejected_p99_ms'], 1)} | {med(s['error_share'], 1, 100)} | {med(s['syn_drops'], 0)} |")
+    for setup, why in failed.items():
+        lines += ["", f"**{setup} failed and was left out:** {why}"]
     write_results(args.out, "overload", {"meta": meta, "summary": summary, "runs": runs}, "\n".join(lines) + "\n")
 
 
