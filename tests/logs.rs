@@ -159,3 +159,76 @@ fn a_log_flood_neither_grows_ampere_nor_loses_lines() {
     );
     assert!(max_rss_kib < 64 * 1024, "ampere grew to {max_rss_kib} KiB");
 }
+
+/// Nobody reads ampere's stdout for longer than `unresponsive_after` while
+/// a Fastify worker logs 20,000 lines through pino: ampere measures and
+/// reports the stall (metric, and a record once stdout is read again), the
+/// worker's output comes out whole, and the worker keeps its heartbeats
+/// (Node's stdout pipe is non-blocking: the lines wait in its memory), so it
+/// is not replaced.
+#[test]
+fn a_stalled_stdout_is_measured_and_reported_and_loses_nothing() {
+    let app = prepare_fixture("fastify");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ampere.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[app]\ndir = {:?}\n[worker]\nheartbeat_interval = \"100ms\"\n\
+             [health]\nsuspect_after = \"300ms\"\nunresponsive_after = \"600ms\"\n",
+            app.display().to_string()
+        ),
+    )
+    .unwrap();
+    let mut ampere = Ampere::start(
+        &app,
+        &["--workers", "1", "--config", config.to_str().unwrap()],
+    );
+    ampere.logs.count_only("log-line");
+    let pids = ampere.wait_ready(1, Duration::from_secs(30));
+    ampere.logs.pause(true);
+    // Far more than the pipe and ampere's queue hold.
+    let addr = ampere.addr();
+    let logging = std::thread::spawn(move || get(addr, "/log?n=20000", Duration::from_secs(60)));
+    // Long past `unresponsive_after`.
+    wait_until(
+        Duration::from_secs(30),
+        "stdout to be blocked for 2 s",
+        || metric(&ampere, "ampere_log_stdout_blocked_seconds", "") >= 2.0,
+    );
+    ampere.logs.pause(false);
+    let r = logging
+        .join()
+        .unwrap()
+        .expect("the logging request succeeds");
+    assert_eq!(r.status, 200, "{r:?}");
+    let note = ampere
+        .logs
+        .wait_for(Duration::from_secs(10), "the stall to be reported", |l| {
+            msg_is(l, "stdout was not read for")
+        });
+    assert!(note["stalled_ms"].as_u64().unwrap() >= 2000, "{note}");
+    wait_until(
+        Duration::from_secs(60),
+        "every logged line to come out",
+        || ampere.logs.counted() >= 20000,
+    );
+    assert_eq!(ampere.logs.counted(), 20000, "lines lost or duplicated");
+    let supervisor_lines = || {
+        ampere
+            .logs
+            .all()
+            .into_iter()
+            .filter(|l| l["name"] == "ampere")
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        metric(&ampere, "ampere_worker_restarts", ""),
+        0.0,
+        "a worker was replaced: {:?}",
+        supervisor_lines()
+    );
+    assert_eq!(pids_of_requests(ampere.addr(), "/", 3), vec![pids[0]; 3]);
+    ampere.signal(Signal::SIGTERM);
+    assert_eq!(ampere.wait_exit(Duration::from_secs(30)), Some(0));
+}

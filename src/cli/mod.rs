@@ -232,6 +232,7 @@ fn start(args: &StartArgs) -> Result<ExitCode> {
     });
     let probes = ProbeState::new();
     let metrics = Arc::new(Metrics::new());
+    metrics.watch_stdout(logs.stall());
     let metrics_for_overflow = metrics.clone();
     let traces = traces::start(&config.telemetry, &settings.service, metrics.clone())?;
     let (admin_tx, admin_rx) = tokio::sync::mpsc::unbounded_channel();

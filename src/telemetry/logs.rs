@@ -15,7 +15,8 @@
 //! stalls the supervisor's event loop; the queue to it is bounded, so worker
 //! output is slowed down to what stdout takes instead of piling up here.
 //! Supervisor events never wait: one that finds the queue full is dropped,
-//! counted, and reported once there is room.
+//! counted, and reported once there is room. A write that stdout holds up
+//! is timed ([`Stall`]), counted in the metrics and reported once it ends.
 //!
 //! The writer also keeps the last [`RECENT`] records and feeds live
 //! subscribers ([`Tap`]), for `ampere logs` through the admin API.
@@ -25,7 +26,7 @@ use std::fmt::Write as _;
 use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use bytes::BytesMut;
@@ -83,6 +84,79 @@ impl Tap {
     }
 }
 
+/// A write to stdout that takes this long means stdout is not being read.
+const STALL: Duration = Duration::from_millis(100);
+/// A stall this long is reported in the stream once it ends.
+const STALL_REPORTED: Duration = Duration::from_secs(1);
+
+/// How long stdout has kept the writer waiting. A reader that stops (a
+/// paused terminal, a stuck log shipper) blocks the writer, then, through
+/// the bounded queue, the workers' pipes: Node keeps its stdout pipe
+/// non-blocking, so an app's writes then queue in its own memory
+/// (`console.log`, pino) or wait for `'drain'`, until stdout is read again.
+pub struct Stall {
+    base: Instant,
+    /// When the write in progress began (nanoseconds after `base`, plus
+    /// one); 0 while the writer is not writing.
+    writing: AtomicU64,
+    /// The last write that took [`STALL`] or longer: (began, ended).
+    last: Mutex<Option<(Instant, Instant)>>,
+    /// Nanoseconds spent in such writes, finished ones.
+    total_ns: AtomicU64,
+}
+
+impl Stall {
+    fn new() -> Stall {
+        Stall {
+            base: Instant::now(),
+            writing: AtomicU64::new(0),
+            last: Mutex::new(None),
+            total_ns: AtomicU64::new(0),
+        }
+    }
+
+    fn begin(&self) -> Instant {
+        let now = Instant::now();
+        let ns = now.duration_since(self.base).as_nanos() as u64;
+        self.writing.store(ns + 1, Ordering::Relaxed);
+        now
+    }
+
+    /// Ends a write begun at `began`; returns its length if it was a stall.
+    fn end(&self, began: Instant) -> Option<Duration> {
+        self.writing.store(0, Ordering::Relaxed);
+        let ended = Instant::now();
+        let took = ended.duration_since(began);
+        if took < STALL {
+            return None;
+        }
+        if let Ok(mut last) = self.last.lock() {
+            *last = Some((began, ended));
+        }
+        self.total_ns
+            .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+        Some(took)
+    }
+
+    /// Since when the write in progress waits, if it has for [`STALL`].
+    pub fn blocked_since(&self, now: Instant) -> Option<Instant> {
+        match self.writing.load(Ordering::Relaxed) {
+            0 => None,
+            ns => Some(self.base + Duration::from_nanos(ns - 1)),
+        }
+        .filter(|since| now.saturating_duration_since(*since) >= STALL)
+    }
+
+    /// Seconds spent waiting on stdout so far, the stall in progress too.
+    pub fn blocked_seconds(&self, now: Instant) -> f64 {
+        let done = Duration::from_nanos(self.total_ns.load(Ordering::Relaxed));
+        let current = self
+            .blocked_since(now)
+            .map_or(Duration::ZERO, |since| now.duration_since(since));
+        (done + current).as_secs_f64()
+    }
+}
+
 /// Lines of a worker's stderr kept to explain why it died.
 pub const STDERR_TAIL: usize = 20;
 
@@ -102,6 +176,7 @@ pub struct Logs {
     /// yet reported in the stream).
     dropped: Arc<(AtomicU64, AtomicU64)>,
     tap: Arc<Tap>,
+    stall: Arc<Stall>,
 }
 
 /// Which worker stream a line came from.
@@ -117,21 +192,44 @@ impl Logs {
     /// Starts the writer thread.
     pub fn start(config: &LoggerConfig) -> Logs {
         let (tx, mut rx) = mpsc::channel::<Item>(QUEUE);
+        let terminal = std::io::stdout().is_terminal();
+        let pretty = match config.format {
+            LogFormat::Json => false,
+            LogFormat::Pretty => true,
+            LogFormat::Auto => terminal,
+        };
+        let color = pretty && terminal && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
         let tap = Arc::new(Tap::new());
+        let stall = Arc::new(Stall::new());
         let writer_tap = tap.clone();
+        let writer_stall = stall.clone();
         std::thread::Builder::new()
             .name("ampere-log".into())
             .spawn(move || {
                 let stdout = std::io::stdout();
                 let mut out = std::io::BufWriter::with_capacity(64 * 1024, stdout.lock());
                 let mut broken = false;
+                // Every write that can reach stdout is timed; a long one is
+                // reported after it.
+                let write = |out: &mut std::io::BufWriter<_>, bytes: Option<&[u8]>| {
+                    let began = writer_stall.begin();
+                    let result = match bytes {
+                        Some(bytes) => out.write_all(bytes),
+                        None => out.flush(),
+                    };
+                    let took = writer_stall.end(began);
+                    (result.is_ok(), took.filter(|t| *t >= STALL_REPORTED))
+                };
                 while let Some(item) = rx.blocking_recv() {
+                    let mut stalled = None;
                     match item {
                         Item::Record(bytes) => {
                             // A closed stdout (`ampere start | head`) must not
                             // stop the runtime: keep draining, write nothing.
-                            if !broken && out.write_all(&bytes).is_err() {
-                                broken = true;
+                            if !broken {
+                                let (ok, took) = write(&mut out, Some(&bytes));
+                                broken = !ok;
+                                stalled = took;
                             }
                             writer_tap.push(&bytes);
                         }
@@ -141,27 +239,34 @@ impl Logs {
                             continue;
                         }
                     }
-                    if rx.is_empty() && !broken && out.flush().is_err() {
-                        broken = true;
+                    if rx.is_empty() && !broken {
+                        let (ok, took) = write(&mut out, None);
+                        broken = !ok;
+                        stalled = stalled.or(took);
+                    }
+                    if let Some(took) = stalled.filter(|_| !broken) {
+                        let note = stall_note(took, pretty.then_some(color));
+                        broken = !write(&mut out, Some(&note)).0;
+                        writer_tap.push(&note);
                     }
                 }
                 let _ = out.flush();
             })
             .expect("spawning the log writer thread");
-        let terminal = std::io::stdout().is_terminal();
-        let pretty = match config.format {
-            LogFormat::Json => false,
-            LogFormat::Pretty => true,
-            LogFormat::Auto => terminal,
-        };
         Logs {
             tx,
             pretty,
-            color: pretty && terminal && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+            color,
             min_level: config.level.number(),
             dropped: Arc::default(),
             tap,
+            stall,
         }
+    }
+
+    /// How long stdout has held the stream up.
+    pub fn stall(&self) -> Arc<Stall> {
+        self.stall.clone()
     }
 
     /// The recent records and the live feed.
@@ -313,49 +418,86 @@ impl Logs {
         msg: &str,
         fields: &[(&str, serde_json::Value)],
     ) -> Vec<u8> {
-        let (name, color) = match level {
-            0..=10 => ("TRACE", "\x1b[90m"),
-            11..=20 => ("DEBUG", "\x1b[36m"),
-            21..=30 => ("INFO ", "\x1b[32m"),
-            31..=40 => ("WARN ", "\x1b[33m"),
-            41..=50 => ("ERROR", "\x1b[31m"),
-            _ => ("FATAL", "\x1b[35m"),
-        };
-        let secs = time / 1000;
-        let mut line = format!(
-            "{:02}:{:02}:{:02}.{:03} ",
-            (secs / 3600) % 24,
-            (secs / 60) % 60,
-            secs % 60,
-            time % 1000
-        );
-        if self.color {
-            let _ = write!(line, "{color}{name}\x1b[0m ");
-        } else {
-            let _ = write!(line, "{name} ");
+        pretty_line(self.color, time, level, who, msg, fields)
+    }
+}
+
+/// One record rendered for people: time, level, who, message, fields.
+fn pretty_line(
+    use_color: bool,
+    time: u64,
+    level: u8,
+    who: Option<(&str, Option<(usize, u32)>)>,
+    msg: &str,
+    fields: &[(&str, serde_json::Value)],
+) -> Vec<u8> {
+    let (name, color) = match level {
+        0..=10 => ("TRACE", "\x1b[90m"),
+        11..=20 => ("DEBUG", "\x1b[36m"),
+        21..=30 => ("INFO ", "\x1b[32m"),
+        31..=40 => ("WARN ", "\x1b[33m"),
+        41..=50 => ("ERROR", "\x1b[31m"),
+        _ => ("FATAL", "\x1b[35m"),
+    };
+    let secs = time / 1000;
+    let mut line = format!(
+        "{:02}:{:02}:{:02}.{:03} ",
+        (secs / 3600) % 24,
+        (secs / 60) % 60,
+        secs % 60,
+        time % 1000
+    );
+    if use_color {
+        let _ = write!(line, "{color}{name}\x1b[0m ");
+    } else {
+        let _ = write!(line, "{name} ");
+    }
+    match who {
+        Some((service, Some((worker, pid)))) => {
+            let _ = write!(line, "{service}[{worker}:{pid}] ");
         }
-        match who {
-            Some((service, Some((worker, pid)))) => {
-                let _ = write!(line, "{service}[{worker}:{pid}] ");
-            }
-            Some((service, None)) => {
-                let _ = write!(line, "{service} ");
-            }
-            None => {}
+        Some((service, None)) => {
+            let _ = write!(line, "{service} ");
         }
-        line.push_str(msg);
-        for (k, v) in fields {
-            match v {
-                serde_json::Value::String(s) => {
-                    let _ = write!(line, " {k}={s}");
-                }
-                other => {
-                    let _ = write!(line, " {k}={other}");
-                }
+        None => {}
+    }
+    line.push_str(msg);
+    for (k, v) in fields {
+        match v {
+            serde_json::Value::String(s) => {
+                let _ = write!(line, " {k}={s}");
+            }
+            other => {
+                let _ = write!(line, " {k}={other}");
             }
         }
-        line.push('\n');
-        line.into_bytes()
+    }
+    line.push('\n');
+    line.into_bytes()
+}
+
+/// The record that reports a stall of `took` once stdout takes writes again
+/// (`pretty`: rendered for people, with colour or not).
+fn stall_note(took: Duration, pretty: Option<bool>) -> Vec<u8> {
+    let msg = format!(
+        "stdout was not read for {:.1} s: workers' output waited meanwhile, in their pipes and \
+         their own memory (none was lost)",
+        took.as_secs_f64()
+    );
+    let fields = [(
+        "stalled_ms",
+        serde_json::Value::from(took.as_millis() as u64),
+    )];
+    match pretty {
+        Some(color) => pretty_line(color, now_ms(), 40, Some(("ampere", None)), &msg, &fields),
+        None => format!(
+            "{{\"level\":40,\"time\":{},\"pid\":{},\"name\":\"ampere\",\"msg\":{},\"stalled_ms\":{}}}\n",
+            now_ms(),
+            std::process::id(),
+            json_str(&msg),
+            took.as_millis()
+        )
+        .into_bytes(),
     }
 }
 

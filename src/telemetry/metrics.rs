@@ -7,8 +7,8 @@
 //! (`nodejs_eventloop_utilization`, `nodejs_heap_size_used_bytes`, ...).
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use prometheus_client::encoding::text::encode;
@@ -17,6 +17,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use crate::telemetry::logs::Stall;
 use crate::worker::Heartbeat;
 use crate::worker::control::{HTTP_BUCKETS, HttpDurations, Rejected};
 
@@ -75,6 +76,8 @@ pub struct Metrics {
     overflow: AtomicU64,
     spans_exported: AtomicU64,
     spans_dropped: AtomicU64,
+    /// How long ampere's stdout has held the log stream up.
+    stdout: OnceLock<Arc<Stall>>,
 }
 
 type Labels = Vec<(&'static str, String)>;
@@ -88,7 +91,13 @@ impl Metrics {
             overflow: AtomicU64::new(0),
             spans_exported: AtomicU64::new(0),
             spans_dropped: AtomicU64::new(0),
+            stdout: OnceLock::new(),
         }
+    }
+
+    /// Reports the time the log stream waited on stdout.
+    pub fn watch_stdout(&self, stall: Arc<Stall>) {
+        let _ = self.stdout.set(stall);
     }
 
     pub fn count_spans_exported(&self, n: u64) {
@@ -156,6 +165,15 @@ impl Metrics {
             "Supervisor log records dropped because stdout did not keep up",
             dropped,
         );
+        if let Some(stall) = self.stdout.get() {
+            let blocked = Counter::<f64, AtomicU64>::default();
+            blocked.inc_by(stall.blocked_seconds(Instant::now()));
+            registry.register(
+                "ampere_log_stdout_blocked_seconds",
+                "Time the log stream waited for ampere's stdout to be read (worker output waits meanwhile)",
+                blocked,
+            );
+        }
         for (name, help, n) in [
             (
                 "ampere_spans_exported",
