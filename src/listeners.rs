@@ -31,7 +31,18 @@ pub struct Listeners {
     /// numbers the members that way, and the steering program picks by it.
     order: Vec<Member>,
     backlog: i32,
+    /// Why the kernel refused the steering program, once it has: gVisor,
+    /// and seccomp profiles that deny SO_ATTACH_REUSEPORT_CBPF. Steering is
+    /// then off for good (the kernel's hash spreads connections), rather
+    /// than tried and refused on every change of weights.
+    refused: std::sync::OnceLock<String>,
 }
+
+/// What ampere says, once, when the kernel refuses the steering program.
+pub const STEERING_REFUSED: &str = "this kernel refuses reuseport steering programs \
+    (SO_ATTACH_REUSEPORT_CBPF; gVisor and some seccomp profiles do): the kernel's hash spreads \
+    new connections over the workers, without load-aware steering or the overflow listener; \
+    admission control in the workers still works";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Member {
@@ -76,6 +87,7 @@ impl Listeners {
             sockets,
             overflow: None,
             backlog,
+            refused: std::sync::OnceLock::new(),
         })
     }
 
@@ -164,9 +176,27 @@ impl Listeners {
     }
 
     /// Whether [`Listeners::steer`] can pick slots: reuseport mode with more
-    /// than one socket.
+    /// than one socket, and a kernel that has not refused the program.
     pub fn can_steer(&self) -> bool {
-        self.mode == ListenerMode::Reuseport && self.sockets.len() > 1
+        self.mode == ListenerMode::Reuseport
+            && self.sockets.len() > 1
+            && self.refused.get().is_none()
+    }
+
+    /// Attaches a program that spreads new connections evenly, to learn
+    /// whether this kernel lets a reuseport group be steered. Err (once,
+    /// with the kernel's reason) when it does not: [`Listeners::can_steer`]
+    /// is false from then on.
+    pub fn probe_steering(&self) -> io::Result<()> {
+        self.steer(&Weights {
+            slots: vec![1; self.sockets.len()],
+            overflow: 0,
+        })
+    }
+
+    /// Why steering is off for good, if the kernel refused it.
+    pub fn steering_refused(&self) -> Option<&str> {
+        self.refused.get().map(String::as_str)
     }
 
     /// Steers new connections over the slots (and the overflow listener) by
@@ -205,7 +235,22 @@ impl Listeners {
             nix::sys::socket::sockopt::AttachReusePortCbpf,
             &fprog,
         )
-        .map_err(io::Error::from)
+        .map_err(|errno| {
+            let e = io::Error::from(errno);
+            // Refused outright (not a passing shortage of memory): off for good.
+            if matches!(
+                errno,
+                nix::errno::Errno::EPERM
+                    | nix::errno::Errno::EACCES
+                    | nix::errno::Errno::ENOPROTOOPT
+                    | nix::errno::Errno::EOPNOTSUPP
+                    | nix::errno::Errno::EINVAL
+                    | nix::errno::Errno::ENOSYS
+            ) {
+                let _ = self.refused.set(e.to_string());
+            }
+            e
+        })
     }
 
     /// Connections waiting in `slot`'s accept queue.

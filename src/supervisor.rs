@@ -1057,6 +1057,9 @@ impl Supervisor {
                     tracing::debug!(service = &*self.service, weights = ?weights.slots, overflow = weights.overflow, "steering new connections");
                     self.balancer.set_attached(weights);
                 }
+                Err(e) if self.listeners.steering_refused().is_some() => {
+                    warn!(error = %e, "{}", crate::listeners::STEERING_REFUSED)
+                }
                 Err(e) => warn!(error = %e, "cannot attach the steering program"),
             }
         }

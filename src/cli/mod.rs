@@ -210,6 +210,14 @@ fn start(args: &StartArgs) -> Result<ExitCode> {
         .enable_all()
         .build()
         .map_err(|e| Error::io("starting the runtime", e))?;
+    // Learn now, and say once, whether this kernel lets the group be
+    // steered; the overflow listener needs it too.
+    if (config.balance.load_aware || config.balance.overflow)
+        && listeners.can_steer()
+        && let Err(e) = listeners.probe_steering()
+    {
+        tracing::warn!(error = %e, "{}", crate::listeners::STEERING_REFUSED);
+    }
     // The overflow listener joins the reuseport group after the slots.
     let overflow = if config.balance.overflow && listeners.can_steer() {
         match listeners.open_overflow() {
