@@ -343,6 +343,9 @@ impl Slot {
 struct Rolling {
     pending: VecDeque<usize>,
     current: Option<usize>,
+    /// Worker ids from here on were started after the rolling restart
+    /// began, with the current command: they are not replaced.
+    since_id: u64,
 }
 
 pub struct Supervisor {
@@ -1610,6 +1613,7 @@ impl Supervisor {
             // (slots are filtered again as they come up: a reload may
             // deactivate some meanwhile)
             current: None,
+            since_id: self.next_id,
         });
     }
 
@@ -1619,30 +1623,40 @@ impl Supervisor {
         };
         if let Some(i) = rolling.current {
             let slot = &self.slots[i];
-            let done = !slot.active
-                || slot.retiring.is_empty()
-                    && slot
-                        .worker
-                        .as_ref()
-                        .is_some_and(|w| w.state == State::Ready);
-            if !done {
+            if slot.active && !slot.retiring.is_empty() {
                 return;
             }
-            rolling.current = None;
+            match &slot.worker {
+                // Started before the rolling restart and still starting
+                // (a reload came while it started): replaced once it listens.
+                Some(w) if slot.active && w.id < rolling.since_id => {
+                    if w.state == State::Ready {
+                        self.replace(i, &Verdict::Rolling);
+                    }
+                    return;
+                }
+                // Its replacement is still starting.
+                Some(w) if slot.active && w.state != State::Ready => return,
+                // Done; or a slot that lost its process starts the next one
+                // from the current command anyway.
+                _ => rolling.current = None,
+            }
         }
         while let Some(i) = rolling.pending.pop_front() {
-            if self.slots[i].active
-                && self.slots[i]
-                    .worker
-                    .as_ref()
-                    .is_some_and(|w| w.state == State::Ready)
-            {
-                rolling.current = Some(i);
-                self.replace(i, &Verdict::Rolling);
-                return;
+            let slot = &self.slots[i];
+            let Some(w) = slot.worker.as_ref().filter(|_| slot.active) else {
+                // Inactive, or between processes: its next one starts from
+                // the current command.
+                continue;
+            };
+            if w.id >= rolling.since_id {
+                continue;
             }
-            // A slot without a ready worker is starting one anyway, from the
-            // current code.
+            rolling.current = Some(i);
+            if w.state == State::Ready {
+                self.replace(i, &Verdict::Rolling);
+            }
+            return;
         }
         info!("rolling restart complete");
         self.rolling = None;

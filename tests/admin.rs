@@ -368,6 +368,56 @@ fn reload_adds_a_worker_without_touching_the_others_and_refuses_a_bad_config() {
     });
 }
 
+/// A reload that changes the workers' environment while a worker is still
+/// starting: that worker started with the old environment, so once it
+/// listens, the rolling restart replaces it too.
+#[test]
+fn a_reload_while_a_worker_starts_replaces_it_once_it_listens() {
+    // The first worker takes 3 s to listen; with the new environment, a
+    // worker listens at once.
+    let slow = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(slow.path(), "3000").unwrap();
+    let fast = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(fast.path(), "0").unwrap();
+    let env = |file: &tempfile::NamedTempFile, release: u32| {
+        format!(
+            "[env]\nHELLO_SLOW_START_FILE = {:?}\nRELEASE = \"{release}\"\n",
+            file.path().display().to_string()
+        )
+    };
+    let rt = Runtime::start(&format!("[server]\nworkers = 1\n{}", env(&slow, 1)));
+    let starting = rt.ampere.logs.wait_for(READY, "the worker to start", |l| {
+        msg_is(l, "worker starting")
+    });
+    let first = starting["worker_pid"].as_u64().unwrap() as u32;
+    let text = std::fs::read_to_string(&rt.config.path).unwrap();
+    std::fs::write(
+        &rt.config.path,
+        text.replace(&env(&slow, 1), &env(&fast, 2)),
+    )
+    .unwrap();
+    let out = stdout(&rt.cli(&["reload"]).success());
+    assert!(out.contains("rolling restart"), "{out}");
+    let state = rt.workers()[0]["state"].clone();
+    assert_eq!(
+        state, "starting",
+        "the test needs the worker still starting at the reload"
+    );
+    let environ = |pid: u32| std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    let runs_release_2 = |pid: u32| environ(pid).split(|b| *b == 0).any(|v| v == b"RELEASE=2");
+    assert!(!runs_release_2(first));
+    wait_until(READY, "a ready worker with the new environment", || {
+        rt.workers()
+            .iter()
+            .any(|w| w["state"] == "ready" && runs_release_2(w["pid"].as_u64().unwrap() as u32))
+    });
+    wait_until(
+        READY,
+        "the worker started before the reload to exit",
+        || !alive(first),
+    );
+}
+
 /// `ampere status SOCKET` as uid/gid 65534 (nobody).
 fn as_nobody(socket: &Path) -> std::process::Output {
     Command::new(AMPERE)
