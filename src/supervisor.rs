@@ -372,6 +372,8 @@ pub struct Supervisor {
     admin: Option<mpsc::UnboundedReceiver<AdminCommand>>,
     /// Reads the config again, for a reload.
     reloader: Option<(Reloader, Applied)>,
+    /// Set once every worker kept failing (`[restart] give_up_after`).
+    give_up: Option<u32>,
     /// New connections per second into the reuseport group, as measured
     /// at the overflow listener while it takes a part of them, and when.
     arrivals: Option<(f64, Instant)>,
@@ -405,6 +407,8 @@ pub type Applied = Box<dyn Fn(&Settings)>;
 pub enum Outcome {
     /// Graceful shutdown completed.
     Stopped,
+    /// Every worker kept failing (`[restart] give_up_after`): stopped.
+    GaveUp,
     /// A second signal cut the shutdown short.
     Interrupted(Signal),
 }
@@ -453,6 +457,7 @@ impl Supervisor {
             traces: None,
             admin: None,
             reloader: None,
+            give_up: None,
             arrivals: None,
             overflow_mark: None,
             pressure_until: None,
@@ -518,11 +523,19 @@ impl Supervisor {
                 _ = tick.tick() => self.probes.tick(),
                 _ = queue_tick.tick(), if watch => changed = self.check_queues(),
             }
+            if self.give_up.is_some() {
+                break Signal::SIGTERM;
+            }
             if changed {
                 self.after_change();
             }
         };
-        Ok(self.shutdown(first, &mut term, &mut int).await)
+        let gave_up = self.give_up.is_some();
+        let outcome = self.shutdown(first, &mut term, &mut int).await;
+        Ok(match outcome {
+            Outcome::Stopped if gave_up => Outcome::GaveUp,
+            other => other,
+        })
     }
 
     fn spawn(&mut self, index: usize) {
@@ -809,6 +822,24 @@ impl Supervisor {
             humantime::format_duration(Duration::from_millis(delay.as_millis() as u64)),
         );
         slot.restart_at = Some(Instant::now() + delay);
+        let give_up_after = settings.config.restart.give_up_after;
+        // Failed that often, and not serving: between processes, or trying
+        // once more.
+        let failing = |s: &Slot| {
+            !s.active
+                || s.failures >= give_up_after
+                    && !s.worker.as_ref().is_some_and(|w| w.state == State::Ready)
+        };
+        if give_up_after > 0 && self.give_up.is_none() && self.slots.iter().all(failing) {
+            error!(
+                service = &*self.service,
+                give_up_after,
+                "every worker failed {give_up_after} times in a row and none is serving: giving up \
+                 (exit status 1); the errors above say why. [restart] give_up_after sets the count, 0 \
+                 retries for ever"
+            );
+            self.give_up = Some(give_up_after);
+        }
     }
 
     /// Starts a new process in `index`'s slot; the current one retires and
@@ -1674,11 +1705,13 @@ impl Supervisor {
     ) -> Outcome {
         let timeout = self.settings.config.shutdown.timeout.get();
         let deadline = Instant::now() + timeout;
-        info!(
-            signal = signal_received.as_str(),
-            timeout_ms = timeout.as_millis() as u64,
-            "shutting down: finishing in-flight requests (a second signal stops at once)"
-        );
+        if self.give_up.is_none() {
+            info!(
+                signal = signal_received.as_str(),
+                timeout_ms = timeout.as_millis() as u64,
+                "shutting down: finishing in-flight requests (a second signal stops at once)"
+            );
+        }
         self.shutting_down = true;
         self.probes.set_shutting_down();
         self.rolling = None;

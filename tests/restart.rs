@@ -145,6 +145,50 @@ fn crash_loop_backs_off_and_says_why() {
     );
 }
 
+/// An app that cannot start at all: once every worker has failed
+/// `[restart] give_up_after` times in a row, ampere stops with exit status
+/// 1 (for the platform to see the crash loop) and says why.
+#[test]
+fn when_every_worker_keeps_failing_ampere_gives_up_with_status_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("ampere.toml");
+    let app = fixture("crash").display().to_string();
+    std::fs::write(
+        &config,
+        format!(
+            "[app]\ndir = {app:?}\nentry = \"server.js\"\n[restart]\ndelay = \"10ms\"\nmax_delay = \"50ms\"\ngive_up_after = 3\n"
+        ),
+    )
+    .unwrap();
+    let mut ampere = Ampere::start(
+        &fixture("crash"),
+        &["--workers", "2", "--config", config.to_str().unwrap()],
+    );
+    assert_eq!(ampere.wait_exit(READY), Some(1), "ampere should give up");
+    let lines = ampere.logs.all();
+    let gave_up: Vec<_> = lines
+        .iter()
+        .filter(|l| {
+            msg_is(
+                l,
+                "every worker failed 3 times in a row and none is serving",
+            )
+        })
+        .collect();
+    assert_eq!(gave_up.len(), 1, "{lines:?}");
+    for slot in 0..2 {
+        let failures: Vec<u64> = lines
+            .iter()
+            .filter(|l| l["worker"] == slot && l["failures"].is_u64())
+            .map(|l| l["failures"].as_u64().unwrap())
+            .collect();
+        assert!(
+            failures.len() >= 3 && failures[..3] == [1, 2, 3],
+            "worker {slot}: {failures:?}"
+        );
+    }
+}
+
 #[test]
 fn a_worker_that_never_listens_is_killed_after_the_start_timeout() {
     let mut ampere = Ampere::start(&fixture("silent"), &["--workers", "1"]);

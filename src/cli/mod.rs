@@ -301,6 +301,7 @@ fn start(args: &StartArgs) -> Result<ExitCode> {
     drop(runtime_dir);
     match outcome {
         Ok(Outcome::Stopped) => Ok(ExitCode::SUCCESS),
+        Ok(Outcome::GaveUp) => Ok(ExitCode::FAILURE),
         Ok(Outcome::Interrupted(sig)) => Ok(ExitCode::from(128 + sig as u8)),
         Err(e) => Err(Error::io("installing signal handlers", e)),
     }

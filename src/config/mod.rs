@@ -412,6 +412,12 @@ pub struct RestartConfig {
     /// A worker that stays up this long after becoming ready has run stably:
     /// its next crash starts the backoff afresh.
     pub reset_after: Duration,
+    /// Once every worker has failed this many times in a row and none is
+    /// serving, ampere stops with exit status 1 instead of retrying for
+    /// ever, so that the platform sees the crash loop (Kubernetes'
+    /// CrashLoopBackOff, systemd's `Restart=`). With the default backoff, 10
+    /// failures take about a minute. 0: never give up.
+    pub give_up_after: u32,
 }
 
 impl Default for RestartConfig {
@@ -420,6 +426,7 @@ impl Default for RestartConfig {
             delay: Duration::from_millis(100),
             max_delay: Duration::from_secs(15),
             reset_after: Duration::from_secs(30),
+            give_up_after: 10,
         }
     }
 }
