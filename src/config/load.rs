@@ -221,7 +221,14 @@ fn parse_text(path: &Path, text: &str) -> Result<Config> {
             let (line, column) = e
                 .span()
                 .map_or((0, 0), |span| line_column(text, span.start));
-            Error::config(path, line, column, e.message().trim().replace('\n', "; "))
+            let message = match e.span().and_then(|span| text.get(span)) {
+                // toml says only "duplicate key"; name it, and what to do.
+                Some(key) if e.message().trim() == "duplicate key" => {
+                    duplicate_key(text, line, key)
+                }
+                _ => e.message().trim().replace('\n', "; "),
+            };
+            Error::config(path, line, column, message)
         })?
     };
     config.check_values().map_err(|(key, message)| {
@@ -274,6 +281,23 @@ pub(super) fn serde_json_message(e: &serde_json::Error) -> String {
     match text.rfind(" at line ") {
         Some(i) => text[..i].to_owned(),
         None => text,
+    }
+}
+
+/// What to say about a key or table that TOML found twice, `key` as written
+/// on line `line`.
+fn duplicate_key(text: &str, line: usize, key: &str) -> String {
+    let heading = text
+        .lines()
+        .nth(line.saturating_sub(1))
+        .map(str::trim_start)
+        .filter(|l| l.starts_with('['))
+        .and_then(|l| l.trim_start_matches('[').split(']').next());
+    if let Some(table) = heading {
+        let table = table.trim();
+        format!("table [{table}] appears twice: put its keys under one [{table}] heading")
+    } else {
+        format!("key `{key}` is set twice in this table: keep one of them")
     }
 }
 
@@ -397,6 +421,22 @@ mod tests {
     /// The error message for `text` as the config file `name`.
     fn error_of(name: &str, text: &str) -> String {
         parse_text(Path::new(name), text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_duplicate_key_or_table_is_named() {
+        let e = error_of("a.toml", "[server]\nworkers = 2\nworkers = 3\n");
+        assert!(e.contains("a.toml:3:1: key `workers` is set twice"), "{e}");
+        let e = error_of(
+            "a.toml",
+            "[server]\nworkers = 2\n[health]\n[server]\nport = 3\n",
+        );
+        assert!(
+            e.contains("a.toml:4:2: table [server] appears twice"),
+            "{e}"
+        );
+        let e = error_of("a.toml", "[env.x]\na = \"1\"\n[env.x]\nb = \"2\"\n");
+        assert!(e.contains("table [env.x] appears twice"), "{e}");
     }
 
     #[test]
