@@ -390,6 +390,12 @@ fn a_reload_while_a_worker_starts_replaces_it_once_it_listens() {
         msg_is(l, "worker starting")
     });
     let first = starting["worker_pid"].as_u64().unwrap() as u32;
+    // Meanwhile no worker can take a request: `inject` says so at once.
+    rt.cli(&["inject", "fixture-hello", "GET", "/"])
+        .failure()
+        .stderr(predicates::str::contains(
+            "no worker is ready to take the request",
+        ));
     let text = std::fs::read_to_string(&rt.config.path).unwrap();
     std::fs::write(
         &rt.config.path,

@@ -282,6 +282,27 @@ async fn stop(State(a): State<Arc<Admin>>) -> Response {
 /// Sends the request to the service's port on this machine: the kernel
 /// steers it to one of the workers, as it would any client's.
 async fn inject(State(a): State<Arc<Admin>>, Json(req): Json<InjectRequest>) -> Response {
+    // With no worker ready, the request would wait in an accept queue until
+    // one is, or until the timeout: say so at once instead.
+    let states = a.metrics.snapshot().states;
+    if states.get("ready").copied().unwrap_or(0) == 0 {
+        let others: Vec<String> = states
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(state, n)| format!("{n} {state}"))
+            .collect();
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "no worker is ready to take the request ({}); `ampere status` says why",
+                if others.is_empty() {
+                    "no workers".to_owned()
+                } else {
+                    others.join(", ")
+                }
+            ),
+        );
+    }
     let mut addr = a.service_addr;
     if addr.ip().is_unspecified() {
         addr.set_ip(match addr.ip() {
