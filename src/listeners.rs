@@ -31,11 +31,14 @@ pub struct Listeners {
     /// numbers the members that way, and the steering program picks by it.
     order: Vec<Member>,
     backlog: i32,
-    /// Why the kernel refused the steering program, once it has: gVisor,
-    /// and seccomp profiles that deny SO_ATTACH_REUSEPORT_CBPF. Steering is
-    /// then off for good (the kernel's hash spreads connections), rather
-    /// than tried and refused on every change of weights.
+    /// Why the kernel refused the steering program, if it did before any
+    /// program was attached: gVisor, and seccomp profiles that deny
+    /// SO_ATTACH_REUSEPORT_CBPF. Steering is then off for good (the
+    /// kernel's hash spreads connections), rather than tried and refused on
+    /// every change of weights.
     refused: std::sync::OnceLock<String>,
+    /// A program was attached once: later errors are not a refusal.
+    attached: std::sync::atomic::AtomicBool,
 }
 
 /// What ampere says, once, when the kernel refuses the steering program.
@@ -88,6 +91,7 @@ impl Listeners {
             overflow: None,
             backlog,
             refused: std::sync::OnceLock::new(),
+            attached: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -235,18 +239,25 @@ impl Listeners {
             nix::sys::socket::sockopt::AttachReusePortCbpf,
             &fprog,
         )
+        .map(|()| {
+            self.attached
+                .store(true, std::sync::atomic::Ordering::Relaxed)
+        })
         .map_err(|errno| {
             let e = io::Error::from(errno);
-            // Refused outright (not a passing shortage of memory): off for good.
-            if matches!(
-                errno,
-                nix::errno::Errno::EPERM
-                    | nix::errno::Errno::EACCES
-                    | nix::errno::Errno::ENOPROTOOPT
-                    | nix::errno::Errno::EOPNOTSUPP
-                    | nix::errno::Errno::EINVAL
-                    | nix::errno::Errno::ENOSYS
-            ) {
+            // Refused outright before anything was attached (not a passing
+            // shortage of memory): off for good.
+            if !self.attached.load(std::sync::atomic::Ordering::Relaxed)
+                && matches!(
+                    errno,
+                    nix::errno::Errno::EPERM
+                        | nix::errno::Errno::EACCES
+                        | nix::errno::Errno::ENOPROTOOPT
+                        | nix::errno::Errno::EOPNOTSUPP
+                        | nix::errno::Errno::EINVAL
+                        | nix::errno::Errno::ENOSYS
+                )
+            {
                 let _ = self.refused.set(e.to_string());
             }
             e

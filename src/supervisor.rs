@@ -576,6 +576,7 @@ impl Supervisor {
                     "cannot start worker process"
                 );
                 slot.restart_at = Some(Instant::now() + delay);
+                self.check_give_up();
             }
         }
     }
@@ -676,6 +677,14 @@ impl Supervisor {
                 slot.rebalanced += hb.shed;
                 if retiring.is_none() {
                     slot.rejecting_now = None;
+                    // A stable run clears the slot's failures now, not only
+                    // at its next crash: they count towards giving up.
+                    if w.ready_at.is_some_and(|t| {
+                        now.saturating_duration_since(t)
+                            >= self.settings.config.restart.reset_after.get()
+                    }) {
+                        slot.failures = 0;
+                    }
                     let beat = Beat {
                         elu: hb.elu,
                         demand: w.cpu.sample(w.app_pid, now),
@@ -822,24 +831,31 @@ impl Supervisor {
             humantime::format_duration(Duration::from_millis(delay.as_millis() as u64)),
         );
         slot.restart_at = Some(Instant::now() + delay);
-        let give_up_after = settings.config.restart.give_up_after;
-        // Failed that often, and not serving: between processes, or trying
-        // once more.
-        let failing = |s: &Slot| {
-            !s.active
-                || s.failures >= give_up_after
-                    && !s.worker.as_ref().is_some_and(|w| w.state == State::Ready)
-        };
-        if give_up_after > 0 && self.give_up.is_none() && self.slots.iter().all(failing) {
-            error!(
-                service = &*self.service,
-                give_up_after,
-                "every worker failed {give_up_after} times in a row and none is serving: giving up \
-                 (exit status 1); the errors above say why. [restart] give_up_after sets the count, 0 \
-                 retries for ever"
-            );
-            self.give_up = Some(give_up_after);
+        self.check_give_up();
+    }
+
+    /// Gives up (see [`Outcome::GaveUp`]) once every active slot has failed
+    /// `[restart] give_up_after` times in a row and none serves: not its
+    /// current worker, nor an old one still taking connections while its
+    /// replacement fails.
+    fn check_give_up(&mut self) {
+        let give_up_after = self.settings.config.restart.give_up_after;
+        let failing = |s: &Slot| !s.active || s.failures >= give_up_after && !s.accepting();
+        if give_up_after == 0
+            || self.give_up.is_some()
+            || !self.slots.iter().any(|s| s.active)
+            || !self.slots.iter().all(failing)
+        {
+            return;
         }
+        error!(
+            service = &*self.service,
+            give_up_after,
+            "every worker failed {give_up_after} times in a row and none is serving: giving up \
+             (exit status 1); the errors above say why. [restart] give_up_after sets the count, 0 \
+             retries for ever"
+        );
+        self.give_up = Some(give_up_after);
     }
 
     /// Starts a new process in `index`'s slot; the current one retires and

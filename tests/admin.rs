@@ -373,10 +373,10 @@ fn reload_adds_a_worker_without_touching_the_others_and_refuses_a_bad_config() {
 /// listens, the rolling restart replaces it too.
 #[test]
 fn a_reload_while_a_worker_starts_replaces_it_once_it_listens() {
-    // The first worker takes 3 s to listen; with the new environment, a
+    // The first worker takes 8 s to listen; with the new environment, a
     // worker listens at once.
     let slow = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(slow.path(), "3000").unwrap();
+    std::fs::write(slow.path(), "8000").unwrap();
     let fast = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(fast.path(), "0").unwrap();
     let env = |file: &tempfile::NamedTempFile, release: u32| {

@@ -189,6 +189,47 @@ fn when_every_worker_keeps_failing_ampere_gives_up_with_status_1() {
     }
 }
 
+/// One worker per pod, and a reload rolls out an environment that cannot
+/// start: the replacement fails again and again, while the old worker keeps
+/// serving. ampere must not give up on that slot: it is serving.
+#[test]
+fn a_failing_replacement_does_not_give_up_while_the_old_worker_serves() {
+    let config = hello_config(
+        "[server]\nworkers = 1\n[restart]\ndelay = \"10ms\"\nmax_delay = \"50ms\"\ngive_up_after = 2\n",
+    );
+    let mut ampere = Ampere::start(&fixture("hello"), &["--config", &config.path]);
+    let old = ampere.wait_ready(1, READY)[0];
+    let text = std::fs::read_to_string(&config.path).unwrap();
+    std::fs::write(
+        &config.path,
+        format!("{text}[env]\nNODE_OPTIONS = \"--require /nonexistent/ampere-test.js\"\n"),
+    )
+    .unwrap();
+    let out = std::process::Command::new(AMPERE)
+        .args(["reload", "--runtime", &ampere.child.id().to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let failures = |logs: &LogLines| {
+        logs.all()
+            .iter()
+            .filter_map(|l| l["failures"].as_u64())
+            .max()
+            .unwrap_or(0)
+    };
+    let pid = ampere.child.id();
+    wait_until(READY, "the replacement to fail 4 times", || {
+        failures(&ampere.logs) >= 4 || !alive(pid)
+    });
+    assert!(ampere.child.try_wait().unwrap().is_none(), "ampere gave up");
+    let r = get(ampere.addr(), "/", Duration::from_secs(5)).expect("the old worker serves");
+    assert_eq!(r.pid(), old);
+}
+
 #[test]
 fn a_worker_that_never_listens_is_killed_after_the_start_timeout() {
     let mut ampere = Ampere::start(&fixture("silent"), &["--workers", "1"]);

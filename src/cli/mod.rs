@@ -216,7 +216,11 @@ fn start(args: &StartArgs) -> Result<ExitCode> {
         && listeners.can_steer()
         && let Err(e) = listeners.probe_steering()
     {
-        tracing::warn!(error = %e, "{}", crate::listeners::STEERING_REFUSED);
+        if listeners.steering_refused().is_some() {
+            tracing::warn!(error = %e, "{}", crate::listeners::STEERING_REFUSED);
+        } else {
+            tracing::warn!(error = %e, "cannot attach the steering program; trying again on the next change");
+        }
     }
     // The overflow listener joins the reuseport group after the slots.
     let overflow = if config.balance.overflow && listeners.can_steer() {

@@ -416,7 +416,7 @@ pub struct RestartConfig {
     /// serving, ampere stops with exit status 1 instead of retrying for
     /// ever, so that the platform sees the crash loop (Kubernetes'
     /// CrashLoopBackOff, systemd's `Restart=`). With the default backoff, 10
-    /// failures take about a minute. 0: never give up.
+    /// failures take about half a minute. 0: never give up.
     pub give_up_after: u32,
 }
 

@@ -94,66 +94,52 @@ const STALL_REPORTED: Duration = Duration::from_secs(1);
 /// the bounded queue, the workers' pipes: Node keeps its stdout pipe
 /// non-blocking, so an app's writes then queue in its own memory
 /// (`console.log`, pino) or wait for `'drain'`, until stdout is read again.
-pub struct Stall {
-    base: Instant,
-    /// When the write in progress began (nanoseconds after `base`, plus
-    /// one); 0 while the writer is not writing.
-    writing: AtomicU64,
-    /// The last write that took [`STALL`] or longer: (began, ended).
-    last: Mutex<Option<(Instant, Instant)>>,
-    /// Nanoseconds spent in such writes, finished ones.
-    total_ns: AtomicU64,
+pub struct Stall(Mutex<StallState>);
+
+#[derive(Default)]
+struct StallState {
+    /// When the write in progress began.
+    writing: Option<Instant>,
+    /// Time spent in writes that took [`STALL`] or longer, finished ones.
+    total: Duration,
 }
 
 impl Stall {
     fn new() -> Stall {
-        Stall {
-            base: Instant::now(),
-            writing: AtomicU64::new(0),
-            last: Mutex::new(None),
-            total_ns: AtomicU64::new(0),
-        }
+        Stall(Mutex::default())
     }
 
     fn begin(&self) -> Instant {
         let now = Instant::now();
-        let ns = now.duration_since(self.base).as_nanos() as u64;
-        self.writing.store(ns + 1, Ordering::Relaxed);
+        if let Ok(mut s) = self.0.lock() {
+            s.writing = Some(now);
+        }
         now
     }
 
     /// Ends a write begun at `began`; returns its length if it was a stall.
     fn end(&self, began: Instant) -> Option<Duration> {
-        self.writing.store(0, Ordering::Relaxed);
-        let ended = Instant::now();
-        let took = ended.duration_since(began);
+        let took = began.elapsed();
+        let mut s = self.0.lock().ok()?;
+        s.writing = None;
         if took < STALL {
             return None;
         }
-        if let Ok(mut last) = self.last.lock() {
-            *last = Some((began, ended));
-        }
-        self.total_ns
-            .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+        s.total += took;
         Some(took)
     }
 
-    /// Since when the write in progress waits, if it has for [`STALL`].
-    pub fn blocked_since(&self, now: Instant) -> Option<Instant> {
-        match self.writing.load(Ordering::Relaxed) {
-            0 => None,
-            ns => Some(self.base + Duration::from_nanos(ns - 1)),
-        }
-        .filter(|since| now.saturating_duration_since(*since) >= STALL)
-    }
-
     /// Seconds spent waiting on stdout so far, the stall in progress too.
+    /// Never goes down: the stall in progress moves into the total under
+    /// the same lock.
     pub fn blocked_seconds(&self, now: Instant) -> f64 {
-        let done = Duration::from_nanos(self.total_ns.load(Ordering::Relaxed));
-        let current = self
-            .blocked_since(now)
-            .map_or(Duration::ZERO, |since| now.duration_since(since));
-        (done + current).as_secs_f64()
+        let Ok(s) = self.0.lock() else { return 0.0 };
+        let current = s
+            .writing
+            .map(|since| now.saturating_duration_since(since))
+            .filter(|d| *d >= STALL)
+            .unwrap_or_default();
+        (s.total + current).as_secs_f64()
     }
 }
 
@@ -246,7 +232,7 @@ impl Logs {
                     }
                     if let Some(took) = stalled.filter(|_| !broken) {
                         let note = stall_note(took, pretty.then_some(color));
-                        broken = !write(&mut out, Some(&note)).0;
+                        broken = !(write(&mut out, Some(&note)).0 && write(&mut out, None).0);
                         writer_tap.push(&note);
                     }
                 }
@@ -481,7 +467,7 @@ fn pretty_line(
 fn stall_note(took: Duration, pretty: Option<bool>) -> Vec<u8> {
     let msg = format!(
         "stdout was not read for {:.1} s: workers' output waited meanwhile, in their pipes and \
-         their own memory (none was lost)",
+         their own memory",
         took.as_secs_f64()
     );
     let fields = [(
