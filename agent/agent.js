@@ -138,15 +138,27 @@ function start(others) {
   // status: [sum, count per bucket..., count over the last bucket].
   let histogram = new Map();
   const kStart = Symbol('ampere.start');
+  const kDone = Symbol('ampere.done');
   // Shared by every response ('close' calls it with the response as this),
   // so counting allocates nothing per request.
   function onResponseClose() {
+    done(this);
+  }
+  // A pipelined request whose connection closes before its turn: node
+  // drops its response without a 'close'; its request still closes.
+  function onQueuedRequestClose() {
+    if (this.socket?.destroyed && this[kQueued] !== undefined) done(this[kQueued]);
+  }
+  const kQueued = Symbol('ampere.queued');
+  function done(res) {
+    if (res[kDone] === true) return;
+    res[kDone] = true;
     inflight--;
     finished++;
-    if (TRACING && this[kSpan] !== undefined) endSpan(this);
+    if (TRACING && res[kSpan] !== undefined) endSpan(res);
     if (!TIME_REQUESTS) return;
-    const seconds = (performance.now() - this[kStart]) / 1000;
-    const key = (METHOD_INDEX[this.req?.method] ?? 7) * 1000 + this.statusCode;
+    const seconds = (performance.now() - res[kStart]) / 1000;
+    const key = (METHOD_INDEX[res.req?.method] ?? 7) * 1000 + res.statusCode;
     let h = histogram.get(key);
     if (h === undefined) {
       h = new Array(BUCKETS.length + 2).fill(0);
@@ -196,65 +208,60 @@ function start(others) {
       const addr = srv.address();
       send({ type: 'listening', pid: process.pid, node: process.version, address: addr && addr.address, port: addr && addr.port });
     });
-    // Count requests inside the app's own handler rather than beside it: a
-    // second 'request' listener would make every emit copy the listener
-    // array. `.listener` keeps removeListener(handler) working.
-    const handlers = srv.listeners('request');
-    if (handlers.length === 1) {
-      const handler = handlers[0];
-      const counted = function (req, res) {
-        requests++;
-        // Early rejection, before any app code: two comparisons and one
-        // clock read (shared with the request timing).
-        if (MAX_INFLIGHT !== 0 && inflight >= MAX_INFLIGHT) {
-          reject(res, 'inflight');
-          return;
+    // The app closed its server on its own (not a drain): it takes no more
+    // connections, so the supervisor must replace it.
+    srv.once('close', () => {
+      if (!draining) send({ type: 'closed' });
+    });
+    // Every request passes through the server's emit: count and admit it
+    // there, before any 'request' listener runs, whether the app's or one
+    // that a library attaches later (engine.io takes the listeners over),
+    // and without adding one (an http2 server that has a 'request'
+    // listener switches its streams to the compatibility API).
+    const emit = srv.emit;
+    srv.emit = function (event, req, res) {
+      if (event !== 'request') return emit.apply(this, arguments);
+      requests++;
+      // Early rejection, before any app code: two comparisons and one
+      // clock read (shared with the request timing).
+      if (MAX_INFLIGHT !== 0 && inflight >= MAX_INFLIGHT) {
+        reject(res, 'inflight');
+        return true;
+      }
+      const now = performance.now();
+      const bound = now < pressureUntil && saturated ? pressureMs : MAX_DELAY_MS;
+      // The loop's work ahead of this request: every request in flight
+      // while the loop is saturated; otherwise only those let in lately
+      // (the others wait on I/O, a timer or a stream, not on this loop).
+      const ahead = (saturated ? inflight : Math.min(inflight, admitted + admittedBefore)) * costMs;
+      if (MAX_DELAY_MS !== 0 && (lag > MAX_DELAY_MS || now - lastTick > LATE_MS || ahead > bound)) {
+        if (warm) {
+          // Beyond max_delay is overload: it starts or extends an episode.
+          // Missing only the episode's target must not extend it, or the
+          // tighter bound would keep the episode going by itself.
+          const beyond = lag > MAX_DELAY_MS || now - lastTick > LATE_MS || ahead > MAX_DELAY_MS;
+          if (beyond) press(now + PRESSURE_HOLD_MS);
+          reject(res, 'delay', beyond);
+          return true;
         }
-        const now = performance.now();
-        const bound = now < pressureUntil && saturated ? pressureMs : MAX_DELAY_MS;
-        // The loop's work ahead of this request: every request in flight
-        // while the loop is saturated; otherwise only those let in lately
-        // (the others wait on I/O, a timer or a stream, not on this loop).
-        const ahead = (saturated ? inflight : Math.min(inflight, admitted + admittedBefore)) * costMs;
-        if (MAX_DELAY_MS !== 0 && (lag > MAX_DELAY_MS || now - lastTick > LATE_MS || ahead > bound)) {
-          if (warm) {
-            // Beyond max_delay is overload: it starts or extends an episode.
-            // Missing only the episode's target must not extend it, or the
-            // tighter bound would keep the episode going by itself.
-            const beyond = lag > MAX_DELAY_MS || now - lastTick > LATE_MS || ahead > MAX_DELAY_MS;
-            if (beyond) press(now + PRESSURE_HOLD_MS);
-            reject(res, 'delay', beyond);
-            return;
-          }
-          // Start-up lateness: forget it once the first request is in.
-          lag = 0;
-          lastTick = now;
-        }
-        if (!warm) warmUp();
-        inflight++;
-        admitted++;
-        if (shedLeft !== 0 && res.shouldKeepAlive) shedOne(res);
-        if (TIME_REQUESTS) res[kStart] = now;
-        if (TRACING) startSpan(req, res);
-        res.on('close', onResponseClose);
-        return handler.call(this, req, res);
-      };
-      counted.listener = handler;
-      srv.removeListener('request', handler);
-      srv.on('request', counted);
-    } else {
-      // Several 'request' listeners: counted, but not guarded (rejecting
-      // here could not stop the others).
-      srv.prependListener('request', (req, res) => {
-        if (!warm) warmUp();
-        inflight++;
-        requests++;
-        if (shedLeft !== 0 && res.shouldKeepAlive) shedOne(res);
-        if (TIME_REQUESTS) res[kStart] = performance.now();
-        if (TRACING) startSpan(req, res);
-        res.on('close', onResponseClose);
-      });
-    }
+        // Start-up lateness: forget it once the first request is in.
+        lag = 0;
+        lastTick = now;
+      }
+      if (!warm) warmUp();
+      inflight++;
+      admitted++;
+      if (shedLeft !== 0 && res.shouldKeepAlive) shedOne(res);
+      if (TIME_REQUESTS) res[kStart] = now;
+      if (TRACING) startSpan(req, res);
+      res.on('close', onResponseClose);
+      // Queued behind another response on its connection (pipelining).
+      if (res.socket === null) {
+        req[kQueued] = res;
+        req.once('close', onQueuedRequestClose);
+      }
+      return emit.call(this, event, req, res);
+    };
   }
 
   // Event-loop lag, measured continuously: how late a 10 ms timer fires.
@@ -486,7 +493,21 @@ function start(others) {
     // sending their next request on them. Busy clients get their next
     // response with `Connection: close`; connections still idle after
     // IDLE_GRACE_MS are closed.
-    net.Server.prototype.close.call(server, () => send({ type: 'drained' }));
+    let closed = false;
+    net.Server.prototype.close.call(server, () => {
+      closed = true;
+      send({ type: 'drained' });
+    });
+    // The app's own graceful shutdown (server.close(cb) on SIGTERM) finds
+    // the server closing already: its callback comes once it has closed,
+    // without ERR_SERVER_NOT_RUNNING.
+    server.close = function close(cb) {
+      if (typeof cb === 'function') {
+        if (closed) process.nextTick(cb);
+        else this.once('close', () => cb());
+      }
+      return this;
+    };
     const idle = setTimeout(() => server.closeIdleConnections?.(), urgent ? 0 : IDLE_GRACE_MS);
     idle.unref();
   }

@@ -25,6 +25,8 @@ pub enum Verdict {
     },
     /// Not a health problem: a rolling restart replaces every worker.
     Rolling,
+    /// The app closed its server on its own: it takes no more connections.
+    ServerClosed,
 }
 
 impl Verdict {
@@ -35,6 +37,7 @@ impl Verdict {
             Verdict::Saturated { .. } => "saturated",
             Verdict::Memory { .. } => "memory",
             Verdict::Rolling => "rolling_restart",
+            Verdict::ServerClosed => "server_closed",
         }
     }
 
@@ -61,6 +64,9 @@ impl Verdict {
                 rss >> 20
             ),
             Verdict::Rolling => "rolling restart".to_owned(),
+            Verdict::ServerClosed => {
+                "the app closed its server: it takes no more connections".to_owned()
+            }
         }
     }
 }

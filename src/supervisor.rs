@@ -747,6 +747,12 @@ impl Supervisor {
                 }
                 Action::None
             }
+            Event::Message(AgentMessage::Closed)
+                if retiring.is_none() && w.state == State::Ready =>
+            {
+                Action::Replace(Verdict::ServerClosed)
+            }
+            Event::Message(AgentMessage::Closed) => Action::None,
             Event::Message(AgentMessage::Pong) => Action::None,
             Event::Message(AgentMessage::Unknown) => Action::None,
         };

@@ -209,6 +209,27 @@ fn rolling_restart_loses_nothing(keep_alive: bool) {
 /// A worker whose connections never end (a stream, a WebSocket) cannot
 /// finish draining: at the deadline it gets SIGTERM, so that the app's own
 /// shutdown runs, rather than being killed outright.
+/// The app closes its server by itself while the process lives on: the
+/// agent says so, and the supervisor replaces the worker instead of
+/// leaving its slot's connections to wait for an accept that never comes.
+#[test]
+fn a_worker_whose_app_closes_its_server_is_replaced() {
+    let mut ampere = Ampere::start(&fixture("hello"), &["--workers", "1"]);
+    let old = ampere.wait_ready(1, READY)[0];
+    let r = get(ampere.addr(), "/close-server", Duration::from_secs(10)).unwrap();
+    assert_eq!(r.pid(), old);
+    let line = wait_for_replacement(&ampere, "the app closed its server");
+    assert_eq!(pid_of(&line), old);
+    // The replacement takes the slot's connections.
+    wait_until(READY, "the replacement to answer", || {
+        get(ampere.addr(), "/", Duration::from_secs(5)).is_ok_and(|r| r.pid() != old)
+    });
+    assert_eq!(
+        metric(&ampere, "ampere_worker_restarts", "server_closed"),
+        1.0
+    );
+}
+
 #[test]
 fn a_worker_that_cannot_finish_draining_gets_sigterm_before_sigkill() {
     let config = hello_config("[env]\nHELLO_ON_SIGTERM = \"1\"\n[shutdown]\ntimeout = \"1s\"\n");

@@ -309,3 +309,131 @@ test('without ampere the agent changes nothing', async () => {
   await once(child, 'exit');
   assert.strictEqual(out, 'true');
 });
+
+// Waits for a heartbeat that satisfies `pred`; `next` hands them out in order.
+async function heartbeatWhere(w, pred) {
+  for (;;) {
+    const hb = await w.next('heartbeat');
+    if (pred(hb)) return hb;
+  }
+}
+
+test('pipelined requests whose connection closes do not stay counted in flight', { timeout: 20000 }, async () => {
+  const w = await startWorker(APP, { AMPERE_MAX_INFLIGHT: '50' });
+  try {
+    await w.next('listening');
+    // 200 requests at once on one connection, which goes away as soon as
+    // the first response starts: node drops the responses queued behind it.
+    const sock = net.connect(w.port, '127.0.0.1');
+    await once(sock, 'connect');
+    sock.write('GET / HTTP/1.1\r\nHost: x\r\n\r\n'.repeat(200));
+    await once(sock, 'data');
+    sock.destroy();
+    await heartbeatWhere(w, (hb) => hb.requests > 0);
+    const hb = await heartbeatWhere(w, (hb) => hb.inflight === 0);
+    assert.strictEqual(hb.inflight, 0);
+    // Nothing is left to make the worker turn requests away.
+    const statuses = await Promise.all(Array.from({ length: 40 }, () => get(w.port).then((r) => r.status)));
+    assert.deepStrictEqual([...new Set(statuses)], [200]);
+  } finally {
+    w.child.kill('SIGKILL');
+  }
+});
+
+test('an HTTP/2 app on the stream API keeps it: trailers and all', { timeout: 20000 }, async () => {
+  const w = await startWorker(`
+    const http2 = require('node:http2');
+    const server = http2.createServer();
+    server.on('stream', (stream) => {
+      stream.respond({ ':status': 200 }, { waitForTrailers: true });
+      stream.on('wantTrailers', () => stream.sendTrailers({ 'grpc-status': '0' }));
+      stream.end('ok');
+    });
+    server.listen(process.env.PORT);
+  `);
+  try {
+    await w.next('listening');
+    const http2 = require('node:http2');
+    const session = http2.connect(`http://127.0.0.1:${w.port}`);
+    try {
+      const req = session.request({ ':path': '/' });
+      const [trailers] = await Promise.all([once(req, 'trailers').then(([t]) => t), (async () => {
+        req.resume();
+        await once(req, 'end');
+      })()]);
+      assert.strictEqual(trailers['grpc-status'], '0');
+    } finally {
+      session.close();
+    }
+    // The worker is still there.
+    assert.strictEqual(w.child.exitCode, null);
+  } finally {
+    w.child.kill('SIGKILL');
+  }
+});
+
+test('requests stay counted when a library takes the request listeners over after listen', { timeout: 20000 }, async () => {
+  // As engine.io's attach() does: copy the listeners, remove them all, and
+  // call them from its own.
+  const w = await startWorker(`
+    const http = require('node:http');
+    const server = http.createServer((req, res) => res.end('app'));
+    server.listen(process.env.PORT, () => {
+      const listeners = server.listeners('request').slice(0);
+      server.removeAllListeners('request');
+      server.on('request', (req, res) => {
+        for (const l of listeners) l.call(server, req, res);
+      });
+    });
+  `);
+  try {
+    await w.next('listening');
+    for (let i = 0; i < 3; i++) assert.strictEqual((await get(w.port)).body, 'app');
+    const hb = await heartbeatWhere(w, (hb) => hb.requests > 0);
+    assert.strictEqual(hb.requests, 3);
+  } finally {
+    w.child.kill('SIGKILL');
+  }
+});
+
+test('an app that closes its server itself is reported; its own close after a drain gets no error', { timeout: 20000 }, async () => {
+  const w = await startWorker(`
+    const http = require('node:http');
+    const server = http.createServer((req, res) => {
+      res.end('ok');
+      if (req.url === '/close') server.close();
+    });
+    server.listen(process.env.PORT);
+    setInterval(() => {}, 1000);
+  `);
+  try {
+    await w.next('listening');
+    await get(w.port, '/close');
+    await w.next('closed');
+  } finally {
+    w.child.kill('SIGKILL');
+  }
+
+  const v = await startWorker(`
+    const http = require('node:http');
+    const server = http.createServer((req, res) => res.end('ok'));
+    server.listen(process.env.PORT);
+    process.on('SIGTERM', () => server.close((err) => {
+      console.log(err ? 'close failed: ' + err.code : 'closed cleanly');
+      process.exit(err ? 1 : 0);
+    }));
+    // Other work keeps it alive once its server has closed (else it would
+    // be on its way out when the signal comes).
+    setInterval(() => {}, 1000);
+  `);
+  try {
+    await v.next('listening');
+    v.send({ type: 'drain', urgent: true });
+    await v.next('drained');
+    v.child.kill('SIGTERM');
+    const [code, signal] = await once(v.child, 'exit');
+    assert.deepStrictEqual([code, signal], [0, null]);
+  } finally {
+    v.child.kill('SIGKILL');
+  }
+});

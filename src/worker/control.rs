@@ -46,6 +46,9 @@ pub enum AgentMessage {
     },
     /// The answer to a `ping`: the event loop got to I/O.
     Pong,
+    /// The app closed its server on the service port by itself (not a
+    /// drain): the process takes no more connections.
+    Closed,
     /// Anything newer than this supervisor knows.
     #[serde(other)]
     Unknown,
