@@ -127,6 +127,7 @@ function start(others) {
   control.on('end', () => process.exit(1));
 
   let server = null; // the adopted server
+  const sessions = new Set(); // its open HTTP/2 sessions
   let draining = false;
   let inflight = 0;
   let requests = 0;
@@ -207,6 +208,15 @@ function start(others) {
       lag = 0;
       const addr = srv.address();
       send({ type: 'listening', pid: process.pid, node: process.version, address: addr && addr.address, port: addr && addr.port });
+    });
+    // HTTP/2 sessions, to end with a GOAWAY on drain (an http2 server has
+    // no idle connections to close: its clients keep one session open).
+    srv.on('session', (session) => {
+      if (draining) session.close();
+      else {
+        sessions.add(session);
+        session.once('close', () => sessions.delete(session));
+      }
     });
     // The app closed its server on its own (not a drain): it takes no more
     // connections, so the supervisor must replace it.
@@ -510,6 +520,10 @@ function start(others) {
     };
     const idle = setTimeout(() => server.closeIdleConnections?.(), urgent ? 0 : IDLE_GRACE_MS);
     idle.unref();
+    // GOAWAY: clients finish their streams in flight and open new sessions
+    // elsewhere.
+    for (const session of sessions) session.close();
+    sessions.clear();
   }
 
   // Health, sampled once per heartbeat.

@@ -437,3 +437,31 @@ test('an app that closes its server itself is reported; its own close after a dr
     v.child.kill('SIGKILL');
   }
 });
+
+test('drain sends HTTP/2 clients a GOAWAY and finishes their streams in flight', { timeout: 20000 }, async () => {
+  const w = await startWorker(`
+    const http2 = require('node:http2');
+    http2.createServer((req, res) => setTimeout(() => res.end('ok'), req.url === '/slow' ? 300 : 0))
+      .listen(process.env.PORT);
+  `);
+  try {
+    await w.next('listening');
+    const http2 = require('node:http2');
+    const session = http2.connect(`http://127.0.0.1:${w.port}`);
+    session.on('error', () => {});
+    const goaway = once(session, 'goaway');
+    const req = session.request({ ':path': '/slow' });
+    req.setEncoding('utf8');
+    let body = '';
+    req.on('data', (c) => (body += c));
+    const ended = once(req, 'end');
+    await heartbeatWhere(w, (hb) => hb.inflight === 1);
+    w.send({ type: 'drain' });
+    await goaway;
+    await ended;
+    assert.strictEqual(body, 'ok');
+    await w.next('drained');
+  } finally {
+    w.child.kill('SIGKILL');
+  }
+});
