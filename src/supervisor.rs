@@ -621,6 +621,7 @@ impl Supervisor {
             return true;
         }
         let health = &self.settings.config.health;
+        let shutting_down = self.shutting_down;
         let w = match retiring {
             Some(i) => &mut slot.retiring[i].worker,
             None => slot.worker.as_mut().expect("checked above"),
@@ -747,8 +748,9 @@ impl Supervisor {
                 }
                 Action::None
             }
+            // (While shutting down, nothing is replaced.)
             Event::Message(AgentMessage::Closed)
-                if retiring.is_none() && w.state == State::Ready =>
+                if retiring.is_none() && w.state == State::Ready && !shutting_down =>
             {
                 Action::Replace(Verdict::ServerClosed)
             }
@@ -867,6 +869,10 @@ impl Supervisor {
     /// Starts a new process in `index`'s slot; the current one retires and
     /// is drained or killed once the new one listens.
     fn replace(&mut self, index: usize, verdict: &Verdict) {
+        // Shutting down: every worker drains and stops; none starts.
+        if self.shutting_down {
+            return;
+        }
         let slot = &mut self.slots[index];
         let Some(mut old) = slot.worker.take() else {
             return;
