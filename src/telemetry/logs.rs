@@ -284,7 +284,14 @@ impl Logs {
             return;
         }
         let rendered = if self.pretty {
-            self.render_pretty(now_ms(), level, Some(("ampere", None)), msg, fields)
+            pretty_line(
+                self.color,
+                now_ms(),
+                level,
+                Some(("ampere", None)),
+                msg,
+                fields,
+            )
         } else {
             let mut line = format!(
                 "{{\"level\":{level},\"time\":{},\"pid\":{},\"name\":\"ampere\",\"msg\":{}",
@@ -345,7 +352,8 @@ impl Logs {
             fields.push(("msg_base64", raw.into()));
         }
         if self.pretty {
-            return Some(self.render_pretty(
+            return Some(pretty_line(
+                self.color,
                 now_ms(),
                 level,
                 Some((&origin.service, Some((origin.worker, origin.pid)))),
@@ -387,24 +395,14 @@ impl Logs {
             .filter(|(k, _)| !skip.contains(&k.as_str()))
             .map(|(k, v)| (k.as_str(), v.clone()))
             .collect();
-        self.render_pretty(
+        pretty_line(
+            self.color,
             time,
             level,
             Some((&origin.service, Some((origin.worker, origin.pid)))),
             msg,
             &fields,
         )
-    }
-
-    fn render_pretty(
-        &self,
-        time: u64,
-        level: u8,
-        who: Option<(&str, Option<(usize, u32)>)>,
-        msg: &str,
-        fields: &[(&str, serde_json::Value)],
-    ) -> Vec<u8> {
-        pretty_line(self.color, time, level, who, msg, fields)
     }
 }
 
