@@ -140,6 +140,7 @@ function start(others) {
   let histogram = new Map();
   const kStart = Symbol('ampere.start');
   const kDone = Symbol('ampere.done');
+  const kQueued = Symbol('ampere.queued');
   // Shared by every response ('close' calls it with the response as this),
   // so counting allocates nothing per request.
   function onResponseClose() {
@@ -150,7 +151,6 @@ function start(others) {
   function onQueuedRequestClose() {
     if (this.socket?.destroyed && this[kQueued] !== undefined) done(this[kQueued]);
   }
-  const kQueued = Symbol('ampere.queued');
   function done(res) {
     if (res[kDone] === true) return;
     res[kDone] = true;
