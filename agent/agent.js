@@ -189,6 +189,16 @@ function start(others) {
       // from the arguments only.
       return origListen.call(this, { fd: LISTEN_FD }, BACKLOG, cb);
     }
+    if (server !== null && isServicePort(args)) {
+      // The port is ampere's, and served through the adopted server: a
+      // further server on it (Fastify adds one per other address of
+      // `localhost`, such as ::1) would bind a socket of its own, outside
+      // ampere, in one worker only. It gets the error node would give.
+      const err = new Error(`listen EADDRINUSE: address already in use :::${PORT} (ampere serves this port through the app's first server)`);
+      Object.assign(err, { code: 'EADDRINUSE', errno: -98, syscall: 'listen', port: PORT });
+      process.nextTick(() => this.emit('error', err));
+      return this;
+    }
     const port = portOf(args);
     if (port !== undefined && port !== 0) reportOther(this, port);
     return origListen.apply(this, args);

@@ -28,14 +28,15 @@ test('portOf reads every form of listen()', () => {
 
 // Starts `script` (JS source) in a child that preloads the agent, with a
 // listening socket on a free port as fd 3 and a control channel as fd 4,
-// and `extraEnv` on top of the agent's settings.
-async function startWorker(script, extraEnv = {}) {
+// and `extraEnv` on top of the agent's settings; `stdout: 'pipe'` to read
+// what it prints.
+async function startWorker(script, extraEnv = {}, { stdout = 'inherit' } = {}) {
   const listener = net.createServer();
   listener.listen(0, '127.0.0.1');
   await once(listener, 'listening');
   const port = listener.address().port;
   const child = spawn(process.execPath, ['--require', AGENT, '-e', script], {
-    stdio: ['ignore', 'inherit', 'inherit', listener._handle.fd, 'pipe'],
+    stdio: ['ignore', stdout, 'inherit', listener._handle.fd, 'pipe'],
     env: { ...process.env, AMPERE_LISTEN_FD: '3', AMPERE_CONTROL_FD: '4', AMPERE_PORT: String(port), PORT: String(port), AMPERE_HEARTBEAT_MS: '50', ...extraEnv },
   });
   // The child holds the socket now; the test process must not accept on it.
@@ -461,6 +462,31 @@ test('drain sends HTTP/2 clients a GOAWAY and finishes their streams in flight',
     await ended;
     assert.strictEqual(body, 'ok');
     await w.next('drained');
+  } finally {
+    w.child.kill('SIGKILL');
+  }
+});
+
+test('a second server on the service port gets EADDRINUSE instead of a socket outside ampere', { timeout: 20000 }, async () => {
+  // As Fastify does for each further address of \`localhost\`.
+  const w = await startWorker(`
+    const http = require('node:http');
+    const main = http.createServer((req, res) => res.end('main'));
+    main.listen(process.env.PORT, '127.0.0.1', () => {
+      const second = http.createServer((req, res) => res.end('second'));
+      second.on('error', (err) => console.log('second: ' + err.code));
+      second.on('listening', () => console.log('second: listening'));
+      second.listen(process.env.PORT, '::1');
+    });
+  `, {}, { stdout: 'pipe' });
+  try {
+    await w.next('listening');
+    let out = '';
+    w.child.stdout.setEncoding('utf8');
+    w.child.stdout.on('data', (c) => (out += c));
+    while (!out.includes('second: ')) await once(w.child.stdout, 'data');
+    assert.match(out, /second: EADDRINUSE/);
+    assert.strictEqual((await get(w.port)).body, 'main');
   } finally {
     w.child.kill('SIGKILL');
   }
