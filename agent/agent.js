@@ -185,9 +185,11 @@ function start(others) {
       server = this;
       adopt(this);
       const cb = typeof args[args.length - 1] === 'function' ? args[args.length - 1] : undefined;
+      // An AbortSignal in the options still closes the server.
+      const signal = args[0] !== null && typeof args[0] === 'object' ? args[0].signal : undefined;
       // listen(handle, backlog, cb): with a handle, node takes the backlog
       // from the arguments only.
-      return origListen.call(this, { fd: LISTEN_FD }, BACKLOG, cb);
+      return origListen.call(this, signal ? { fd: LISTEN_FD, signal } : { fd: LISTEN_FD }, BACKLOG, cb);
     }
     if (server !== null && isServicePort(args)) {
       // The port is ampere's, and served through the adopted server: a

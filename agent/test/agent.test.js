@@ -491,3 +491,24 @@ test('a second server on the service port gets EADDRINUSE instead of a socket ou
     w.child.kill('SIGKILL');
   }
 });
+
+test('listen({ port, signal }): aborting the signal closes the adopted server', { timeout: 20000 }, async () => {
+  const w = await startWorker(`
+    const http = require('node:http');
+    const ac = new AbortController();
+    const server = http.createServer((req, res) => {
+      res.end('ok');
+      if (req.url === '/abort') ac.abort();
+    });
+    server.listen({ port: Number(process.env.PORT), signal: ac.signal });
+    setInterval(() => {}, 1000);
+  `);
+  try {
+    await w.next('listening');
+    await get(w.port, '/abort');
+    // The app's own abort is the app closing its server.
+    await w.next('closed');
+  } finally {
+    w.child.kill('SIGKILL');
+  }
+});
