@@ -480,8 +480,28 @@ function start(others) {
   // This response tells its client to reconnect (and be steered anew).
   function shedOne(res) {
     res.shouldKeepAlive = false;
+    // An app's own `Connection: keep-alive` (a proxy passing its upstream's
+    // on) would turn it back on.
+    res.writeHead = closingWriteHead;
     shedLeft--;
     shed++;
+  }
+  // writeHead for a response that must close its connection, whatever
+  // Connection header the app sets.
+  const http = require('node:http');
+  const plainWriteHead = http.ServerResponse.prototype.writeHead;
+  function closingWriteHead(...args) {
+    if (!this.headersSent && this.req?.httpVersionMajor !== 2) {
+      this.shouldKeepAlive = false;
+      if (this.hasHeader('connection')) this.setHeader('connection', 'close');
+      const at = typeof args[1] === 'string' ? 2 : 1;
+      const headers = args[at];
+      if (headers !== null && typeof headers === 'object' && !Array.isArray(headers)) {
+        const key = Object.keys(headers).find((k) => k.toLowerCase() === 'connection');
+        if (key !== undefined) args[at] = { ...headers, [key]: 'close' };
+      }
+    }
+    return plainWriteHead.apply(this, args);
   }
 
   function onMessage(msg) {
@@ -504,12 +524,7 @@ function start(others) {
     // Every response whose head is not written yet, in flight now or on a
     // keep-alive connection later, tells its client to reconnect elsewhere.
     // Patched only now, so that serving costs nothing for it.
-    const http = require('node:http');
-    const writeHead = http.ServerResponse.prototype.writeHead;
-    http.ServerResponse.prototype.writeHead = function (...args) {
-      if (!this.headersSent) this.shouldKeepAlive = false;
-      return writeHead.apply(this, args);
-    };
+    http.ServerResponse.prototype.writeHead = closingWriteHead;
     // Stop accepting, but leave idle keep-alive connections open for now:
     // http.Server#close would close them at once, racing clients that are
     // sending their next request on them. Busy clients get their next

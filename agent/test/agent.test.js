@@ -512,3 +512,45 @@ test('listen({ port, signal }): aborting the signal closes the adopted server', 
     w.child.kill('SIGKILL');
   }
 });
+
+test('shedding and draining close the connection even when the app says keep-alive itself', { timeout: 20000 }, async () => {
+  // As a proxy does that passes its upstream's Connection header on.
+  const w = await startWorker(`
+    const http = require('node:http');
+    http.createServer((req, res) => {
+      if (req.url === '/head') return res.writeHead(200, { Connection: 'keep-alive' }).end('ok');
+      res.setHeader('Connection', 'keep-alive');
+      res.end('ok');
+    }).listen(process.env.PORT);
+  `);
+  const agent = new http.Agent({ keepAlive: true, maxSockets: 1 });
+  const fetch = (path) =>
+    new Promise((resolve, reject) => {
+      http.get({ host: '127.0.0.1', port: w.port, path, agent }, (res) => {
+        res.resume();
+        res.on('end', () => resolve(res.headers.connection));
+      }).on('error', reject);
+    });
+  try {
+    await w.next('listening');
+    assert.strictEqual(await fetch('/set'), 'keep-alive');
+    await heartbeatWhere(w, (hb) => hb.conns === 1);
+    w.send({ type: 'shed', connections: 1 });
+    let first = await fetch('/set');
+    for (let i = 0; i < 100 && first !== 'close'; i++) {
+      await w.next('heartbeat');
+      first = await fetch('/set');
+    }
+    assert.strictEqual(first, 'close');
+    // A new connection, kept alive, for the drain to close.
+    assert.strictEqual(await fetch('/set'), 'keep-alive');
+    w.send({ type: 'drain' });
+    // Wait until the drain has begun: a pong comes after it.
+    w.send({ type: 'ping' });
+    await w.next('pong');
+    assert.strictEqual(await fetch('/head'), 'close');
+  } finally {
+    agent.destroy();
+    w.child.kill('SIGKILL');
+  }
+});
