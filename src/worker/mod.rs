@@ -218,6 +218,11 @@ async fn read_messages<R: tokio::io::AsyncRead + Unpin>(
                 Ok(msg) => Event::Message(msg),
                 Err(e) => Event::BadMessage(e.to_string()),
             },
+            // A worker that dies (killed, say) while messages to it wait
+            // unread resets the channel: its end, not a bad message.
+            Err(LinesCodecError::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return;
+            }
             Err(e) => {
                 let too_long = matches!(e, LinesCodecError::MaxLineLengthExceeded);
                 if !deliver(Event::BadMessage(e.to_string())) || !too_long {
@@ -265,5 +270,21 @@ mod reading_tests {
             matches!(events[1], Event::Message(AgentMessage::Pong)),
             "{events:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_reset_channel_ends_without_a_bad_message() {
+        let (mut ours, agent) = tokio::net::UnixStream::pair().unwrap();
+        // A message the agent never reads, then it goes away: the kernel
+        // resets the channel.
+        ours.write_all(b"{\"type\":\"drain\"}\n").await.unwrap();
+        drop(agent);
+        let mut events = Vec::new();
+        read_messages(ours, |e| {
+            events.push(e);
+            true
+        })
+        .await;
+        assert!(events.is_empty(), "{events:?}");
     }
 }
