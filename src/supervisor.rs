@@ -125,8 +125,9 @@ struct Slot {
     /// Consecutive failures since the last stable run.
     failures: u32,
     restart_at: Option<Instant>,
-    /// Why we killed the current worker, if we did (e.g. a start timeout).
-    kill_reason: Option<String>,
+    /// Why we stopped the current worker, if we did: the restarts metric's
+    /// reason, and words for the log (a start timeout, say).
+    kill_reason: Option<(&'static str, String)>,
     /// Request durations of every process that served in this slot.
     http: BTreeMap<(String, u16), HttpDurations>,
     /// Early rejections (503) in this slot, and whether the last heartbeat
@@ -417,6 +418,8 @@ pub enum Outcome {
 enum Action {
     None,
     Replace(Verdict),
+    /// Stop the current worker; it restarts as after a crash, with backoff.
+    Stop(Verdict),
     SlotReady,
     Drain,
 }
@@ -748,11 +751,23 @@ impl Supervisor {
                 }
                 Action::None
             }
-            // (While shutting down, nothing is replaced.)
+            // (While shutting down, nothing is replaced.) After a stable run,
+            // a replacement takes over first; a worker that closes soon
+            // after it listened (an app that probes the port, then fails to
+            // listen again) is stopped and restarted with backoff, so that
+            // it cannot loop.
             Event::Message(AgentMessage::Closed)
                 if retiring.is_none() && w.state == State::Ready && !shutting_down =>
             {
-                Action::Replace(Verdict::ServerClosed)
+                let stable = w.ready_at.is_some_and(|t| {
+                    now.saturating_duration_since(t)
+                        >= self.settings.config.restart.reset_after.get()
+                });
+                if stable {
+                    Action::Replace(Verdict::ServerClosed)
+                } else {
+                    Action::Stop(Verdict::ServerClosed)
+                }
             }
             Event::Message(AgentMessage::Closed) => Action::None,
             Event::Message(AgentMessage::Pong) => Action::None,
@@ -783,6 +798,20 @@ impl Supervisor {
         match action {
             Action::None => {}
             Action::Replace(v) => self.replace(index, &v),
+            Action::Stop(v) => {
+                let slot = &mut self.slots[index];
+                if let Some(w) = &slot.worker {
+                    warn!(
+                        service = &*self.service,
+                        worker = index,
+                        worker_pid = w.pid,
+                        reason = v.reason(),
+                        "stopping worker (SIGTERM); it restarts with backoff"
+                    );
+                    w.signal(Signal::SIGTERM);
+                    slot.kill_reason = Some((v.kind(), v.reason()));
+                }
+            }
             Action::SlotReady => self.retire_old(index),
             Action::Drain => self.retire_old(index),
         }
@@ -805,13 +834,13 @@ impl Supervisor {
         slot.failures += 1;
         let delay = backoff(settings, slot.failures);
         let kind = match (&slot.kill_reason, w.ready_at) {
-            (Some(_), _) => "start_timeout",
+            (Some((kind, _)), _) => kind,
             (None, Some(_)) => "crash",
             (None, None) => "start_failure",
         };
         *self.restarts.entry(kind).or_default() += 1;
         slot.restarts += 1;
-        let reason = slot.kill_reason.take().unwrap_or_else(|| {
+        let reason = slot.kill_reason.take().map(|(_, r)| r).unwrap_or_else(|| {
             if w.ready_at.is_some() {
                 format!("crashed ({how})")
             } else {
@@ -983,7 +1012,7 @@ impl Supervisor {
                     "worker {reason}; killing it"
                 );
                 w.signal(Signal::SIGKILL);
-                slot.kill_reason = Some(reason);
+                slot.kill_reason = Some(("start_timeout", reason));
             }
             // Silence of the current worker: suspect.
             let silence = slot

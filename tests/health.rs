@@ -209,19 +209,53 @@ fn rolling_restart_loses_nothing(keep_alive: bool) {
 /// A worker whose connections never end (a stream, a WebSocket) cannot
 /// finish draining: at the deadline it gets SIGTERM, so that the app's own
 /// shutdown runs, rather than being killed outright.
-/// The app closes its server by itself while the process lives on: the
-/// agent says so, and the supervisor replaces the worker instead of
-/// leaving its slot's connections to wait for an accept that never comes.
+/// The app closes its server by itself, after a stable run, while the
+/// process lives on: the agent says so, and the supervisor replaces the
+/// worker (the new one first) instead of leaving its slot's connections to
+/// wait for an accept that never comes.
 #[test]
 fn a_worker_whose_app_closes_its_server_is_replaced() {
-    let mut ampere = Ampere::start(&fixture("hello"), &["--workers", "1"]);
+    let config = hello_config("[restart]\nreset_after = \"200ms\"\n");
+    let mut ampere = Ampere::start(
+        &fixture("hello"),
+        &["--workers", "1", "--config", &config.path],
+    );
     let old = ampere.wait_ready(1, READY)[0];
+    let ready_at = std::time::Instant::now();
+    // A stable run: past reset_after.
+    wait_until(READY, "a stable run", || {
+        ready_at.elapsed() > Duration::from_millis(300)
+    });
     let r = get(ampere.addr(), "/close-server", Duration::from_secs(10)).unwrap();
     assert_eq!(r.pid(), old);
     let line = wait_for_replacement(&ampere, "the app closed its server");
     assert_eq!(pid_of(&line), old);
     // The replacement takes the slot's connections.
     wait_until(READY, "the replacement to answer", || {
+        get(ampere.addr(), "/", Duration::from_secs(5)).is_ok_and(|r| r.pid() != old)
+    });
+    assert_eq!(
+        metric(&ampere, "ampere_worker_restarts", "server_closed"),
+        1.0
+    );
+}
+
+/// The same right after it started listening (an app that probes the port
+/// with a throwaway server, say): the worker is stopped and restarts with
+/// backoff, as after a crash, so that such an app cannot spin.
+#[test]
+fn a_worker_that_closes_its_server_right_away_restarts_with_backoff() {
+    let mut ampere = Ampere::start(&fixture("hello"), &["--workers", "1"]);
+    let old = ampere.wait_ready(1, READY)[0];
+    get(ampere.addr(), "/close-server", Duration::from_secs(10)).unwrap();
+    let line = ampere.logs.wait_for(READY, "the restart", |l| {
+        l["failures"] == 1
+            && l["msg"]
+                .as_str()
+                .is_some_and(|m| m.contains("the app closed its server"))
+    });
+    assert_eq!(pid_of(&line), old);
+    wait_until(READY, "the restarted worker to answer", || {
         get(ampere.addr(), "/", Duration::from_secs(5)).is_ok_and(|r| r.pid() != old)
     });
     assert_eq!(
