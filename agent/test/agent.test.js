@@ -76,6 +76,20 @@ function get(port, path = '/') {
   });
 }
 
+// One keep-alive connection to `port`; fetch(path) resolves to the
+// response's Connection header.
+function keepAliveClient(port) {
+  const agent = new http.Agent({ keepAlive: true, maxSockets: 1 });
+  const fetch = (path = '/') =>
+    new Promise((resolve, reject) => {
+      http.get({ host: '127.0.0.1', port, path, agent }, (res) => {
+        res.resume();
+        res.on('end', () => resolve(res.headers.connection));
+      }).on('error', reject);
+    });
+  return { agent, fetch };
+}
+
 const APP = `
   const http = require('node:http');
   http.createServer((req, res) => {
@@ -128,14 +142,7 @@ test('drain finishes in-flight requests with Connection: close, then reports dra
 
 test('a shed order closes that many keep-alive connections, one per response', async () => {
   const w = await startWorker(APP);
-  const agent = new http.Agent({ keepAlive: true, maxSockets: 1 });
-  const fetch = (path = '/') =>
-    new Promise((resolve, reject) => {
-      http.get({ host: '127.0.0.1', port: w.port, path, agent }, (res) => {
-        res.resume();
-        res.on('end', () => resolve(res.headers.connection));
-      }).on('error', reject);
-    });
+  const { agent, fetch } = keepAliveClient(w.port);
   try {
     await w.next('listening');
     assert.strictEqual(await fetch(), 'keep-alive');
@@ -523,14 +530,7 @@ test('shedding and draining close the connection even when the app says keep-ali
       res.end('ok');
     }).listen(process.env.PORT);
   `);
-  const agent = new http.Agent({ keepAlive: true, maxSockets: 1 });
-  const fetch = (path) =>
-    new Promise((resolve, reject) => {
-      http.get({ host: '127.0.0.1', port: w.port, path, agent }, (res) => {
-        res.resume();
-        res.on('end', () => resolve(res.headers.connection));
-      }).on('error', reject);
-    });
+  const { agent, fetch } = keepAliveClient(w.port);
   try {
     await w.next('listening');
     assert.strictEqual(await fetch('/set'), 'keep-alive');
