@@ -179,11 +179,12 @@ impl Listeners {
         Ok(())
     }
 
-    /// Whether [`Listeners::steer`] can pick slots: reuseport mode with more
-    /// than one socket, and a kernel that has not refused the program.
+    /// Whether [`Listeners::steer`] can pick members of the group:
+    /// reuseport mode, and a kernel that has not refused the program. One
+    /// slot counts too: the overflow listener joins its group.
     pub fn can_steer(&self) -> bool {
         self.mode == ListenerMode::Reuseport
-            && self.sockets.len() > 1
+            && !self.sockets.is_empty()
             && self.refused.get().is_none()
     }
 

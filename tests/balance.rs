@@ -98,20 +98,32 @@ fn a_busier_worker_sheds_keep_alive_connections_to_the_other() {
 
 #[test]
 fn with_every_worker_overloaded_the_overflow_listener_answers_503() {
+    overflow_answers_when_every_worker_is_overloaded(2);
+}
+
+/// One worker (a one-CPU pod) has the overflow listener too: without it,
+/// clients turned away by the worker reconnect into its accept queue,
+/// which overflows into SYN drops and seconds-long retries.
+#[test]
+fn a_single_overloaded_worker_has_the_overflow_listener_too() {
+    overflow_answers_when_every_worker_is_overloaded(1);
+}
+
+fn overflow_answers_when_every_worker_is_overloaded(workers: usize) {
     let config = hello_config(
         "[overload]\nmax_inflight = 1\nmax_delay = \"0s\"\n[health]\nenabled = false\n",
     );
     let mut ampere = Ampere::start(
         &fixture("hello"),
-        &["--workers", "2", "--config", &config.path],
+        &["--workers", &workers.to_string(), "--config", &config.path],
     );
-    ampere.wait_ready(2, READY);
+    ampere.wait_ready(workers, READY);
     let addr = ampere.addr();
     // Slow requests until each worker has one in flight; the extra ones are
     // rejected with 503.
     let mut slow = Vec::new();
     wait_until(READY, "a slow request in flight on each worker", || {
-        let busy = (0..2).all(|w| {
+        let busy = (0..workers).all(|w| {
             metric(
                 &ampere,
                 "http_requests_in_flight",
@@ -160,7 +172,7 @@ fn with_every_worker_overloaded_the_overflow_listener_answers_503() {
         .collect();
     assert_eq!(
         statuses.iter().filter(|s| **s == 200).count(),
-        2,
+        workers,
         "{statuses:?}"
     );
     assert!(

@@ -11,7 +11,11 @@ const READY: Duration = Duration::from_secs(30);
 
 #[test]
 fn requests_over_the_in_flight_bound_get_503_without_running_the_app() {
-    let config = hello_config("[overload]\nmax_inflight = 2\nmax_delay = \"0s\"\n");
+    // The agent's own rejections: without the overflow listener, which
+    // would take the new connections once the worker rejects.
+    let config = hello_config(
+        "[overload]\nmax_inflight = 2\nmax_delay = \"0s\"\n[balance]\noverflow = false\n",
+    );
     let mut ampere = Ampere::start(
         &fixture("hello"),
         &["--workers", "1", "--config", &config.path],
