@@ -4,7 +4,7 @@ its overload protection on and off, against PM2 (cluster mode) and Watt.
 
 For each app (bench/apps/cpu: every request costs a fixed amount of CPU;
 bench/apps/next: a Next.js App Router page rendered on every request), with
-2 workers per setup and the same Node.js for all:
+--workers workers per setup (default 2) and the same Node.js for all:
 
 1. capacity: ampere without protection, closed loop, keep-alive, the
    throughput of a short run, measured again at the start of every round
@@ -18,7 +18,7 @@ bench/apps/next: a Next.js App Router page rendered on every request), with
 Setups: ampere (defaults: admission control with max_delay 100 ms,
 load-aware steering, rebalancing, overflow listener), ampere-strict (the
 same with max_delay 20 ms), ampere-off (all of those off), pm2 (cluster
-mode, 2 instances), watt (wattpm, 2 workers). Unless --no-pin, every
+mode), watt (wattpm). Unless --no-pin, every
 setup runs on the last --server-cpus CPUs (default 1) and oha on the others.
 
 Reported per setup and rate (medians over rounds, with min..max): goodput
@@ -60,6 +60,8 @@ PIN = []
 LOAD_PIN = []
 # Extra config for the "ampere" setup (--ampere-config).
 AMPERE_EXTRA = [""]
+# Workers (processes, PM2 instances, Watt threads) per setup (--workers).
+WORKERS = [2]
 OFF = ("[overload]\nenabled = false\n"
        "[balance]\nload_aware = false\nrebalance = false\noverflow = false\n")
 
@@ -96,7 +98,7 @@ def start_ampere(work, node, port, ampere, app_name, off, host=HOST):
     )
     log = work / "ampere.log"
     proc = subprocess.Popen(PIN + [str(ampere), "start", "--config", str(cfg), "--host", host, "--port", str(port),
-                             "--workers", "2"], stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                             "--workers", str(WORKERS[0])], stdout=open(log, "w"), stderr=subprocess.STDOUT,
                             env={**os.environ, "NEXT_TELEMETRY_DISABLED": "1"})
 
     def stop():
@@ -107,7 +109,8 @@ def start_ampere(work, node, port, ampere, app_name, off, host=HOST):
 
 def start_pm2(work, node, port, app_name, host=HOST):
     script, args = launch(app_name, host)
-    return peers.start_pm2(work, node, port, script, args(port), cwd=APPS[app_name]["dir"], host=host, prefix=PIN)
+    return peers.start_pm2(work, node, port, script, args(port), cwd=APPS[app_name]["dir"], host=host, prefix=PIN,
+                           instances=WORKERS[0])
 
 
 def start_watt(work, node, port, app_name, host=HOST):
@@ -120,7 +123,7 @@ def start_watt(work, node, port, app_name, host=HOST):
         spec = {"module": module, "node": {"main": "server.js"}}
     cfg = {
         **spec,
-        "runtime": {"server": {"hostname": host, "port": port}, "workers": 2, "logger": {"level": "warn"}},
+        "runtime": {"server": {"hostname": host, "port": port}, "workers": WORKERS[0], "logger": {"level": "warn"}},
     }
     # Watt reads watt.json from the app's directory.
     watt_json = app / "watt.json"
@@ -228,8 +231,13 @@ def main():
     ap.add_argument("--server-cpus", type=int, default=1,
                     help="CPUs for the setup under test, the last ones; oha gets the others (default 1: both "
                          "workers share one CPU; 2 gives each worker a CPU of its own, as a 2-CPU pod would)")
+    ap.add_argument("--workers", type=int, default=2,
+                    help="workers per setup (default 2); 1 is a one-CPU pod's single process")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
+    if args.workers < 1:
+        raise SystemExit(f"--workers {args.workers}: give 1 or more")
+    WORKERS[0] = args.workers
 
     node = ensure_node()
     oha_bin = ensure_oha()
@@ -311,12 +319,12 @@ def main():
 
     meta = machine_meta(node, oha_bin)
     meta.update(rounds=args.rounds, duration_s=args.duration, capacities=capacities, factors=factors,
-                server_cpus=None if args.no_pin else args.server_cpus, failed=failed)
+                server_cpus=None if args.no_pin else args.server_cpus, workers=args.workers, failed=failed)
     med = cell
     lines = [
         "# bench/overload: goodput and latency beyond capacity",
         "",
-        f"{meta['time']} on {meta['machine']}; node {meta['node']}; {meta['oha']}; 2 workers per setup; "
+        f"{meta['time']} on {meta['machine']}; node {meta['node']}; {meta['oha']}; {args.workers} worker(s) per setup; "
         f"open loop (oha -q RATE --latency-correction, keep-alive, up to 1,000 connections, 5 s timeout), "
         f"{args.duration} s per run after a {args.warmup} s warm-up; {args.rounds} interleaved rounds. "
         + ("Servers and oha share every CPU. " if args.no_pin else
@@ -348,7 +356,8 @@ def main():
                              f"{med(s['rejected_p99_ms'], 1)} | {med(s['error_share'], 1, 100)} | {med(s['syn_drops'], 0)} |")
     for setup, why in failed.items():
         lines += ["", f"**{setup} failed and was left out:** {why}"]
-    write_results(args.out, "overload", {"meta": meta, "summary": summary, "runs": runs}, "\n".join(lines) + "\n")
+    name = "overload" if args.workers == 2 else f"overload-{args.workers}w"
+    write_results(args.out, name, {"meta": meta, "summary": summary, "runs": runs}, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -73,8 +73,8 @@ def node_bin(node):
     return str(Path(node).parent)
 
 
-def start_pm2(work, node, port, script, args=(), cwd=None, host=HOST, node_args=(), prefix=()):
-    """PM2 cluster mode, 2 instances of `script args`, its daemon's home in
+def start_pm2(work, node, port, script, args=(), cwd=None, host=HOST, node_args=(), prefix=(), instances=2):
+    """PM2 cluster mode, `instances` instances of `script args`, its daemon's home in
     `work`; `prefix` starts it inside a sandbox (the daemon and workers
     inherit it)."""
     home = work / "pm2home"
@@ -82,7 +82,7 @@ def start_pm2(work, node, port, script, args=(), cwd=None, host=HOST, node_args=
            "PORT": str(port), "HOST": host, "NEXT_TELEMETRY_DISABLED": "1"}
     pm2 = TOOLS / "node_modules" / "pm2" / "bin" / "pm2"
     log = work / "pm2.log"
-    cmd = [*prefix, str(node), str(pm2), "start", str(script), "-i", "2", "--name", "app", "-o", str(log),
+    cmd = [*prefix, str(node), str(pm2), "start", str(script), "-i", str(instances), "--name", "app", "-o", str(log),
            "-e", str(log), "--merge-logs"]
     if cwd is not None:
         cmd += ["--cwd", str(cwd)]
