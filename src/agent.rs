@@ -26,16 +26,15 @@ impl RuntimeDir {
     pub fn create() -> Result<RuntimeDir> {
         let base = base_dir();
         let dir = base.join(std::process::id().to_string());
-        let context = |e| Error::io(format!("creating runtime directory {}", dir.display()), e);
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(&dir)
-            .map_err(context)?;
+            .map_err(|e| unwritable(&format!("creating runtime directory {}", dir.display()), e))?;
         check_private(&base)?;
         let agent = dir.join("agent.js");
         write_private(&agent, SOURCE.as_bytes())
-            .map_err(|e| Error::io(format!("writing {}", agent.display()), e))?;
+            .map_err(|e| unwritable(&format!("writing {}", agent.display()), e))?;
         Ok(RuntimeDir { dir, agent })
     }
 
@@ -55,6 +54,17 @@ pub fn base_dir() -> PathBuf {
         Some(d) if !d.is_empty() => PathBuf::from(d).join("ampere"),
         _ => std::env::temp_dir().join(format!("ampere-{}", nix::unistd::geteuid())),
     }
+}
+
+/// The runtime directory cannot be made or written: a read-only root
+/// filesystem (a hardened container) is the usual reason.
+fn unwritable(doing: &str, e: std::io::Error) -> Error {
+    Error::app(
+        format!("{doing}: {e}"),
+        "ampere keeps the workers' agent and its admin socket there: set XDG_RUNTIME_DIR or \
+         TMPDIR to a writable directory (with a read-only root filesystem, mount an emptyDir or \
+         tmpfs at /tmp)",
+    )
 }
 
 /// The base directory may be in a shared place (`/tmp`): it must be this

@@ -139,6 +139,38 @@ fn port_already_in_use() {
 }
 
 #[test]
+fn a_runtime_directory_that_cannot_be_made_says_what_to_set() {
+    // A read-only root filesystem behaves the same: no directory there.
+    let tmp = tempfile::NamedTempFile::new().unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port().to_string()
+    };
+    let out = ampere(
+        &fixture("hello"),
+        &[
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port,
+            "--metrics-port",
+            "off",
+        ],
+        &[
+            ("TMPDIR", tmp.path().to_str().unwrap()),
+            ("XDG_RUNTIME_DIR", ""),
+        ],
+    );
+    assert_error(&out, &["creating runtime directory"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("hint: ") && stderr.contains("TMPDIR"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn no_node_executable() {
     let out = ampere(&fixture("hello"), &["start"], &[("PATH", "/nonexistent")]);
     assert_error(&out, &["no `node` executable found on PATH"]);
