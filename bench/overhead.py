@@ -177,7 +177,11 @@ def start_ampere(ampere, node, port, workers, request_metrics=True, app=APP, ext
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})},
     )
     t0 = time.monotonic()
-    wait_http(port)
+    try:
+        wait_http(port)
+    finally:
+        # Read at start and never again (the bench does not reload).
+        config.unlink(missing_ok=True)
     ready = time.monotonic() - t0
     deadline = time.monotonic() + 10
     while len(children(p.pid)) < workers and time.monotonic() < deadline:
