@@ -504,6 +504,7 @@ impl Supervisor {
             node = %self.command.program().display(),
             "starting"
         );
+        self.log_heap_share();
         for slot in 0..self.slots.len() {
             self.spawn(slot);
         }
@@ -1200,6 +1201,34 @@ impl Supervisor {
         self.advance_rolling();
     }
 
+    /// Says, where the container limits memory, what heap limit each worker
+    /// gets from it.
+    fn log_heap_share(&self) {
+        if let Some((limit, mib)) = self.command.heap_share() {
+            let workers = self.settings.workers;
+            let note = "each worker's V8 heap limit is a share of the container's memory, so that \
+                 a leaking worker is replaced before the container runs out; [health] max_heap \
+                 sets it";
+            if mib == crate::worker::MIN_OLD_SPACE_MIB {
+                warn!(
+                    service = &*self.service,
+                    container_memory_mib = limit >> 20,
+                    workers,
+                    heap_limit_mib = mib,
+                    "{note}; the container's memory is small for this many workers"
+                );
+            } else {
+                info!(
+                    service = &*self.service,
+                    container_memory_mib = limit >> 20,
+                    workers,
+                    heap_limit_mib = mib,
+                    "{note}"
+                );
+            }
+        }
+    }
+
     /// Whether the accept queues are watched: steering by load is on and the
     /// kernel takes steering programs.
     fn watches_queues(&self) -> bool {
@@ -1589,6 +1618,7 @@ impl Supervisor {
         }
         let command = Command::new(&new, self.command.agent());
         let restart_workers = command != self.command;
+        let heap_changed = command.heap_share() != self.command.heap_share();
         let from = self.slots.iter().filter(|s| s.active).count();
         let to = new.workers;
         // Sockets first: if one cannot be opened, nothing has changed yet.
@@ -1598,6 +1628,9 @@ impl Supervisor {
         self.balancer.set_config(new.config.balance.clone());
         self.settings = new;
         self.command = command;
+        if restart_workers {
+            self.log_heap_share();
+        }
         if let Some((_, applied)) = &self.reloader {
             applied(&self.settings);
         }
@@ -1628,7 +1661,13 @@ impl Supervisor {
             if let Some(r) = &mut self.rolling {
                 r.pending.retain(|i| *i < from.min(to));
             }
-            changes.push("worker command or environment changed: rolling restart".into());
+            changes.push(match self.command.heap_share() {
+                Some((_, mib)) if heap_changed => format!(
+                    "each worker's heap limit (a share of the container's memory) is now {mib} MiB: \
+                     rolling restart"
+                ),
+                _ => "worker command or environment changed: rolling restart".into(),
+            });
         }
         if changes.is_empty() {
             changes.push("nothing changed".into());

@@ -166,6 +166,113 @@ fn a_leaking_worker_is_replaced_before_it_runs_out_of_heap() {
     assert_none_failed(&results);
 }
 
+/// A memory cgroup with `limit` bytes, removed when dropped (once the
+/// processes in it have ended): cgroup v1's memory hierarchy or v2.
+struct MemoryCgroup(std::path::PathBuf);
+
+impl MemoryCgroup {
+    /// None where this user cannot make one (not root).
+    fn new(limit: u64) -> Option<MemoryCgroup> {
+        let root = std::path::Path::new("/sys/fs/cgroup");
+        let name = format!("ampere-test-{}", std::process::id());
+        let (dir, file) = if root.join("memory").is_dir() {
+            (root.join("memory").join(name), "memory.limit_in_bytes")
+        } else {
+            (root.join(name), "memory.max")
+        };
+        if !nix::unistd::geteuid().is_root() {
+            return None;
+        }
+        std::fs::create_dir(&dir).expect("creating a memory cgroup");
+        std::fs::write(dir.join(file), limit.to_string()).expect("setting its limit");
+        Some(MemoryCgroup(dir))
+    }
+
+    /// `cmd` run inside the cgroup.
+    fn wrap(&self, cmd: &[&str]) -> std::process::Command {
+        let mut c = std::process::Command::new("sh");
+        c.arg("-c")
+            .arg("echo $$ > \"$0/cgroup.procs\" && exec \"$@\"")
+            .arg(&self.0)
+            .args(cmd);
+        c
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::fs::remove_dir(&self.0).is_err() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// In a container that limits memory, each worker's heap is a share of
+/// it: a leaking worker is then replaced before the container runs out.
+/// With node's own default (about half the container per worker), four
+/// leaking workers outgrow 512 MiB together and the kernel kills one.
+#[test]
+fn in_a_memory_limited_container_each_worker_gets_a_share_of_the_heap() {
+    let Some(cgroup) = MemoryCgroup::new(512 << 20) else {
+        eprintln!("skipped: making a memory cgroup needs root");
+        return;
+    };
+    let port = free_port();
+    let metrics_port = free_port();
+    let (port_s, metrics_s) = (port.to_string(), metrics_port.to_string());
+    let dir = fixture("hello");
+    let cmd = cgroup.wrap(&[
+        AMPERE,
+        "start",
+        dir.to_str().unwrap(),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        &port_s,
+        "--metrics-port",
+        &metrics_s,
+        "--workers",
+        "4",
+    ]);
+    let mut ampere = Ampere::spawn(cmd, port, metrics_port);
+    let first: HashSet<u32> = ampere.wait_ready(4, READY).into_iter().collect();
+    let said = ampere.logs.wait_for(READY, "the heap share log line", |l| {
+        l["msg"]
+            .as_str()
+            .is_some_and(|m| m.contains("a share of the container's memory"))
+    });
+    assert_eq!(said["heap_limit_mib"], 96, "{said}");
+    assert_eq!(said["container_memory_mib"], 512, "{said}");
+    wait_until(READY, "every worker's heap limit in the metrics", || {
+        (0..4).all(|w| {
+            let limit = metric(
+                &ampere,
+                "nodejs_heap_space_limit_bytes",
+                &format!("worker=\"{w}\""),
+            );
+            (80.0..=112.0).contains(&(limit / 1048576.0))
+        })
+    });
+    // Every worker leaks: 256 KiB kept per request.
+    let load = new_connections(ampere.addr(), "/leak?kb=256", 4, Duration::from_millis(10));
+    let replacing = wait_for_replacement(&ampere, "memory");
+    assert!(first.contains(&pid_of(&replacing)));
+    let results = load.outcomes();
+    let killed: Vec<_> = ampere
+        .logs
+        .all()
+        .into_iter()
+        .filter(|l| {
+            l["msg"].as_str().is_some_and(|m| {
+                m.starts_with("worker crashed") || m.contains("heap out of memory")
+            })
+        })
+        .collect();
+    assert!(killed.is_empty(), "a worker ran out of memory: {killed:?}");
+    assert_none_failed(&results);
+}
+
 fn rolling_restart_loses_nothing(keep_alive: bool) {
     let mut ampere = Ampere::start(&fixture("hello"), &["--workers", "2"]);
     let old: HashSet<u32> = ampere.wait_ready(2, READY).into_iter().collect();

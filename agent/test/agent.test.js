@@ -12,7 +12,7 @@ const path = require('node:path');
 const { once } = require('node:events');
 
 const AGENT = path.join(__dirname, '..', 'agent.js');
-const { portOf } = require(AGENT);
+const { portOf, oldSpaceFrom } = require(AGENT);
 
 test('portOf reads every form of listen()', () => {
   assert.strictEqual(portOf([3000]), 3000);
@@ -24,6 +24,28 @@ test('portOf reads every form of listen()', () => {
   assert.strictEqual(portOf(['/tmp/app.sock']), undefined);
   assert.strictEqual(portOf([{ path: '/tmp/app.sock' }]), undefined);
   assert.strictEqual(portOf([{ fd: 3 }]), undefined);
+});
+
+test('the old-space limit is read from the flags, or from V8\'s heap limit by its own rule', () => {
+  const MiB = 1048576;
+  const old = (limitMiB, flags = '') => oldSpaceFrom(limitMiB * MiB, flags) / MiB;
+  // heap_size_limit as node 20 and 22 report it with 512 MiB, 1, 2 and 4
+  // GiB of memory (a container's limit), without flags.
+  assert.deepStrictEqual([259, 524, 1048, 2096, 4144].map((h) => old(h)), [256, 512, 1024, 2048, 4096]);
+  // --max-old-space-size sets the old space only, the last one given wins.
+  assert.strictEqual(old(99, '--max-old-space-size=96'), 96);
+  assert.strictEqual(old(144, '--max-old-space-size=512 --max_old_space_size=96'), 96);
+  assert.strictEqual(old(268, '--max-semi-space-size=4'), 256);
+});
+
+test('a worker started with a heap flag reports that limit', { timeout: 20000 }, async () => {
+  const w = await startWorker(APP, { NODE_OPTIONS: '--max-old-space-size=96' });
+  try {
+    await w.next('listening');
+    assert.strictEqual((await w.next('heartbeat')).heap_limit, 96 * 1048576);
+  } finally {
+    w.child.kill('SIGKILL');
+  }
 });
 
 // Starts `script` (JS source) in a child that preloads the agent, with a

@@ -268,8 +268,12 @@ pub struct HealthConfig {
     pub max_rss: Option<Size>,
     /// ...for this many heartbeats in a row before it is replaced.
     pub memory_samples: u32,
-    /// V8 old-space limit of each worker (node's --max-old-space-size);
-    /// node's own default when unset.
+    /// V8 old-space limit of each worker (node's --max-old-space-size).
+    /// Unset: where a container (cgroup) limits memory, three quarters of
+    /// each worker's share of it (64 MiB at least), so that a leaking
+    /// worker reaches `max_heap_used` before the container runs out;
+    /// elsewhere, or with the flag in `[node] options` or NODE_OPTIONS,
+    /// node's own.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_heap: Option<Size>,
 }

@@ -4,6 +4,7 @@
 
 pub mod control;
 mod cpu;
+mod memory;
 mod spawn;
 
 use std::collections::VecDeque;
@@ -19,6 +20,7 @@ use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 
 pub use control::{AgentMessage, Heartbeat, SupervisorMessage};
 pub use cpu::CpuDemand;
+pub use memory::MIN_OLD_SPACE_MIB;
 pub use spawn::Command;
 
 use crate::health::Tracker;

@@ -29,6 +29,9 @@ pub struct Command {
     cwd: PathBuf,
     /// The agent file every worker preloads.
     agent: PathBuf,
+    /// The container's memory limit and each worker's V8 old-space limit
+    /// (MiB) from it, where ampere sets that (see [`super::memory`]).
+    heap_share: Option<(u64, u64)>,
 }
 
 pub struct Spawned {
@@ -46,8 +49,26 @@ impl Command {
             .iter()
             .map(|o| o.0.clone().into())
             .collect();
-        if let Some(max) = cfg.health.max_heap {
-            let mib = (max.bytes() >> 20).max(1);
+        // The user's own heap flag wins over a share of the container.
+        let heap_flag =
+            |o: &str| o.contains("--max-old-space-size") || o.contains("--max_old_space_size");
+        let user_heap = cfg.node.options.iter().any(|o| heap_flag(&o.0))
+            || settings
+                .env
+                .get("NODE_OPTIONS")
+                .is_some_and(|o| heap_flag(o));
+        let heap_share = if cfg.health.max_heap.is_none() && !user_heap {
+            super::memory::container_limit()
+                .map(|limit| (limit, super::memory::old_space_mib(limit, settings.workers)))
+        } else {
+            None
+        };
+        let heap_mib = cfg
+            .health
+            .max_heap
+            .map(|max| (max.bytes() >> 20).max(1))
+            .or(heap_share.map(|(_, mib)| mib));
+        if let Some(mib) = heap_mib {
             node_options.push(format!("--max-old-space-size={mib}").into());
         }
         let require = [OsString::from("--require"), agent.into()];
@@ -162,7 +183,16 @@ impl Command {
             env,
             cwd: settings.app_dir.clone(),
             agent: agent.to_owned(),
+            heap_share,
         }
+    }
+
+    /// The container's memory limit (bytes) and the V8 old-space limit
+    /// (MiB) each worker gets from it, where ampere sets one: the container
+    /// limits memory, and neither `[health] max_heap` nor a node option
+    /// sets the heap.
+    pub fn heap_share(&self) -> Option<(u64, u64)> {
+        self.heap_share
     }
 
     /// Starts the process of `slot`, accepting from `listener`.
