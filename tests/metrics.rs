@@ -113,7 +113,12 @@ fn per_worker_series_and_request_counts() {
             s.metric == "http_request_duration_seconds" && s.labels.get("worker") == Some("0")
         })
         .map(|s| match &s.value {
-            prometheus_parse::Value::Histogram(b) => b.len(),
+            prometheus_parse::Value::Histogram(b) => {
+                // Without a +Inf bucket Prometheus's histogram_quantile
+                // answers NaN.
+                assert!(b.last().unwrap().less_than.is_infinite(), "{b:?}");
+                b.len()
+            }
             _ => 0,
         });
     assert_eq!(buckets, Some(12), "11 bounds and +Inf");

@@ -410,7 +410,8 @@ impl prometheus_client::encoding::EncodeMetric for Durations {
         let buckets: Vec<(f64, u64)> = HTTP_BUCKETS
             .iter()
             .copied()
-            .chain(std::iter::once(f64::MAX))
+            // Written as le="+Inf" (only infinity is).
+            .chain(std::iter::once(f64::INFINITY))
             .zip(counts.iter().copied().chain(std::iter::repeat(0)))
             .collect();
         let count = counts.iter().sum();
