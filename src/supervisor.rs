@@ -1800,7 +1800,6 @@ impl Supervisor {
         int: &mut tokio::signal::unix::Signal,
     ) -> Outcome {
         let timeout = self.settings.config.shutdown.timeout.get();
-        let deadline = Instant::now() + timeout;
         if self.give_up.is_none() {
             info!(
                 signal = signal_received.as_str(),
@@ -1814,6 +1813,30 @@ impl Supervisor {
         for slot in &mut self.slots {
             slot.restart_at = None;
         }
+        // The loop stays alive for /live while it waits below.
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+
+        // 0. Unready but serving, while load balancers stop sending.
+        let delay = self.settings.config.shutdown.delay();
+        if !delay.is_zero() && self.give_up.is_none() {
+            info!(
+                delay_ms = delay.as_millis() as u64,
+                "unready: serving on while load balancers stop sending ([shutdown] delay)"
+            );
+            let until = Instant::now() + delay;
+            loop {
+                tokio::select! {
+                    Some(ev) = self.events.recv() => {
+                        self.on_event(ev);
+                    }
+                    _ = tokio::time::sleep_until(until.into()) => break,
+                    _ = tick.tick() => self.probes.tick(),
+                    _ = term.recv() => return self.stop_now(Signal::SIGTERM).await,
+                    _ = int.recv() => return self.stop_now(Signal::SIGINT).await,
+                }
+            }
+        }
+        let deadline = Instant::now() + timeout;
 
         // 1. No new handshakes; ready workers accept what is already queued.
         if let Err(e) = self.listeners.refuse_new_connections() {
@@ -1842,6 +1865,7 @@ impl Supervisor {
                     self.on_event(ev);
                 }
                 _ = tokio::time::sleep(Duration::from_millis(2)) => {}
+                _ = tick.tick() => self.probes.tick(),
                 _ = term.recv() => return self.stop_now(Signal::SIGTERM).await,
                 _ = int.recv() => return self.stop_now(Signal::SIGINT).await,
             }
@@ -1870,6 +1894,7 @@ impl Supervisor {
                     self.on_event(ev);
                 }
                 _ = tokio::time::sleep_until(deadline.into()) => break,
+                _ = tick.tick() => self.probes.tick(),
                 _ = term.recv() => return self.stop_now(Signal::SIGTERM).await,
                 _ = int.recv() => return self.stop_now(Signal::SIGINT).await,
             }

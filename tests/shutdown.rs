@@ -160,6 +160,84 @@ fn a_second_signal_stops_at_once() {
     assert!(!alive(workers[0]));
 }
 
+/// `[shutdown] delay`: unready at once, yet new connections are served
+/// until it ends (load balancers take a moment to stop sending).
+#[test]
+fn during_the_shutdown_delay_new_connections_are_still_served() {
+    let config = hello_config("[server]\nworkers = 1\n[shutdown]\ndelay = \"10m\"\n");
+    let mut ampere = Ampere::start(&fixture("hello"), &["--config", &config.path]);
+    ampere.wait_ready(1, READY);
+    assert_eq!(ampere.probe("/ready").unwrap().status, 200);
+    ampere.signal(Signal::SIGTERM);
+    ampere.logs.wait_for(READY, "the delay to start", |l| {
+        l["msg"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("unready: serving on"))
+    });
+    assert_eq!(ampere.probe("/ready").unwrap().status, 503);
+    assert_eq!(ampere.probe("/live").unwrap().status, 200);
+    for _ in 0..5 {
+        let r = get(ampere.addr(), "/", Duration::from_secs(5)).expect("served during the delay");
+        assert_eq!(r.status, 200);
+    }
+    // A second signal skips the rest.
+    ampere.signal(Signal::SIGTERM);
+    assert_eq!(ampere.wait_exit(Duration::from_secs(30)), Some(143));
+}
+
+#[test]
+fn in_kubernetes_the_shutdown_delay_is_5s_unless_set() {
+    let port = free_port();
+    let metrics_port = free_port();
+    let mut cmd = std::process::Command::new(AMPERE);
+    cmd.arg("start")
+        .arg(fixture("hello"))
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .args([
+            "--metrics-port",
+            &metrics_port.to_string(),
+            "--workers",
+            "1",
+        ])
+        .env("KUBERNETES_SERVICE_HOST", "10.0.0.1");
+    let mut ampere = Ampere::spawn(cmd, port, metrics_port);
+    ampere.wait_ready(1, READY);
+    ampere.signal(Signal::SIGTERM);
+    let line = ampere.logs.wait_for(READY, "the delay to start", |l| {
+        l["msg"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("unready: serving on"))
+    });
+    assert_eq!(line["delay_ms"], 5000, "{line}");
+    ampere.signal(Signal::SIGTERM);
+    assert_eq!(ampere.wait_exit(Duration::from_secs(30)), Some(143));
+}
+
+/// The supervisor's loop runs on while workers drain: `/live` stays 200
+/// however long in-flight requests take.
+#[test]
+fn live_stays_ok_through_a_long_drain() {
+    let config = hello_config("[server]\nworkers = 1\n[shutdown]\ntimeout = \"1m\"\n");
+    let mut ampere = Ampere::start(&fixture("hello"), &["--config", &config.path]);
+    ampere.wait_ready(1, READY);
+    let addr = ampere.addr();
+    // Longer than /live's 5 s allowance for a silent loop.
+    let slow = std::thread::spawn(move || get(addr, "/slow?ms=8000", Duration::from_secs(30)));
+    wait_until(READY, "the request to be in flight", || {
+        get(addr, "/", Duration::from_secs(5)).is_ok_and(|r| r.body.contains("\"inflight\":2"))
+    });
+    ampere.signal(Signal::SIGTERM);
+    let mut answers = Vec::new();
+    while !slow.is_finished() {
+        answers.push(ampere.probe("/live").map(|r| r.status));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(slow.join().unwrap().expect("the slow request").status, 200);
+    assert!(answers.len() > 10, "{answers:?}");
+    assert!(answers.iter().all(|a| matches!(a, Ok(200))), "{answers:?}");
+    assert_eq!(ampere.wait_exit(Duration::from_secs(30)), Some(0));
+}
+
 #[test]
 fn workers_die_with_the_supervisor() {
     let mut ampere = Ampere::start(&fixture("hello"), &["--workers", "2"]);

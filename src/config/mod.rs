@@ -441,14 +441,36 @@ impl Default for RestartConfig {
 pub struct ShutdownConfig {
     /// How long in-flight requests may take to finish; workers still running
     /// after it are killed. Keep it below Kubernetes'
-    /// terminationGracePeriodSeconds (30s by default).
+    /// terminationGracePeriodSeconds (30s by default), with `delay`.
     pub timeout: Duration,
+    /// How long to go on serving after the signal, with `/ready` already
+    /// answering 503, before new connections are refused: Kubernetes sends
+    /// SIGTERM as it takes the pod out of its Service's endpoints, and
+    /// kube-proxy and ingresses go on sending for a few seconds. Unset: 5s
+    /// where Kubernetes runs ampere (KUBERNETES_SERVICE_HOST is set), else
+    /// 0s. A second signal skips it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delay: Option<Duration>,
 }
 
 impl Default for ShutdownConfig {
     fn default() -> Self {
         ShutdownConfig {
             timeout: Duration::from_secs(10),
+            delay: None,
+        }
+    }
+}
+
+impl ShutdownConfig {
+    /// The delay in effect: `delay`, or the default for where ampere runs.
+    pub fn delay(&self) -> std::time::Duration {
+        match self.delay {
+            Some(d) => d.get(),
+            None if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() => {
+                std::time::Duration::from_secs(5)
+            }
+            None => std::time::Duration::ZERO,
         }
     }
 }

@@ -160,7 +160,9 @@ impl Ampere {
             .arg(dir)
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(["--metrics-port", &metrics_port.to_string()])
-            .args(extra);
+            .args(extra)
+            // A CI runner in a Kubernetes pod would add a shutdown delay.
+            .env_remove("KUBERNETES_SERVICE_HOST");
         Self::spawn(cmd, port, metrics_port)
     }
 
