@@ -80,6 +80,10 @@ fn queue_limit(backlog: u32, capacity: Option<f64>, window: Duration) -> u32 {
 /// SIGTERM, to run the app's own shutdown before it is killed.
 const TERM_GRACE: Duration = Duration::from_secs(5);
 
+/// What ampere says of a signal it does not act on.
+const IGNORED: &str = "signal ignored: SIGHUP or `ampere restart` replaces the workers one at a \
+    time, `ampere reload` applies a changed config, SIGTERM stops";
+
 /// How long an overload episode lasts after the last rejection or stall.
 const PRESSURE_HOLD: Duration = Duration::from_secs(1);
 /// How long a worker's report that it rejects requests steers all of its
@@ -491,6 +495,12 @@ impl Supervisor {
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut hup = signal(SignalKind::hangup())?;
+        // Signals whose default action would end ampere on the spot, with
+        // requests in flight: SIGQUIT stops gracefully (as nginx's does),
+        // the user signals are refused with what to use instead.
+        let mut quit = signal(SignalKind::quit())?;
+        let mut usr1 = signal(SignalKind::user_defined1())?;
+        let mut usr2 = signal(SignalKind::user_defined2())?;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut queue_tick = tokio::time::interval(QUEUE_CHECK);
         queue_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -518,6 +528,9 @@ impl Supervisor {
                 _ = term.recv() => break Signal::SIGTERM,
                 _ = int.recv() => break Signal::SIGINT,
                 _ = hup.recv() => self.start_rolling_restart("SIGHUP"),
+                _ = quit.recv() => break Signal::SIGQUIT,
+                _ = usr1.recv() => warn!(signal = "SIGUSR1", "{IGNORED}"),
+                _ = usr2.recv() => warn!(signal = "SIGUSR2", "{IGNORED}"),
                 Some(cmd) = next_command(&mut self.admin) => {
                     if let Some(stop) = self.on_admin(cmd) {
                         break stop;

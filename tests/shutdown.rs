@@ -238,6 +238,33 @@ fn live_stays_ok_through_a_long_drain() {
     assert_eq!(ampere.wait_exit(Duration::from_secs(30)), Some(0));
 }
 
+/// Signals whose default action would kill ampere with requests in
+/// flight: the user signals are refused with a word, SIGQUIT stops
+/// gracefully.
+#[test]
+fn stray_signals_do_not_kill_ampere_and_sigquit_stops_gracefully() {
+    let mut ampere = Ampere::start(&fixture("hello"), &["--workers", "1"]);
+    ampere.wait_ready(1, READY);
+    for sig in [Signal::SIGUSR1, Signal::SIGUSR2] {
+        ampere.signal(sig);
+        ampere
+            .logs
+            .wait_for(READY, "the signal to be refused", |l| {
+                msg_is(l, "signal ignored") && l["signal"] == sig.as_str()
+            });
+    }
+    let r = get(ampere.addr(), "/", Duration::from_secs(5)).expect("still serving");
+    assert_eq!(r.status, 200);
+    let addr = ampere.addr();
+    let slow = std::thread::spawn(move || get(addr, "/slow?ms=1000", Duration::from_secs(30)));
+    wait_until(READY, "the request to be in flight", || {
+        get(addr, "/", Duration::from_secs(5)).is_ok_and(|r| r.body.contains("\"inflight\":2"))
+    });
+    ampere.signal(Signal::SIGQUIT);
+    assert_eq!(slow.join().unwrap().expect("finished").status, 200);
+    assert_eq!(ampere.wait_exit(Duration::from_secs(30)), Some(0));
+}
+
 #[test]
 fn workers_die_with_the_supervisor() {
     let mut ampere = Ampere::start(&fixture("hello"), &["--workers", "2"]);
