@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, sigprocmask};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
-use nix::unistd::{ForkResult, Pid, fork, getpid};
+use nix::unistd::{ForkResult, Pid, fork, getpid, setpgid};
 
 use crate::error::{Error, Result};
 
@@ -48,6 +48,11 @@ pub fn stand_in_if_pid1() -> Result<Option<ExitCode>> {
     match unsafe { fork() }.map_err(os_error)? {
         ForkResult::Child => {
             sigprocmask(SigmaskHow::SIG_SETMASK, Some(&before), None).map_err(os_error)?;
+            // Out of PID 1's process group: a terminal's Ctrl-C (`docker run
+            // -it`) goes to that whole group, and the supervisor would get
+            // it twice, from the terminal and passed on, which is a second
+            // signal: stop at once. Now it gets it once, from PID 1.
+            setpgid(Pid::from_raw(0), Pid::from_raw(0)).map_err(os_error)?;
             Ok(None)
         }
         ForkResult::Parent { child } => Ok(Some(stand_in(child, &set))),

@@ -278,6 +278,14 @@ fn workers_die_with_the_supervisor() {
     );
 }
 
+/// The process group of `pid` (field 5 of /proc/PID/stat).
+fn pgrp(pid: u32) -> u32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // After the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    rest.split(' ').nth(2).unwrap().parse().unwrap()
+}
+
 fn comm(pid: u32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/comm"))
         .unwrap_or_default()
@@ -319,6 +327,13 @@ fn as_pid_1_orphans_are_reaped_and_sigterm_stops() {
     // ampere as PID 1 in there: unshare's child.
     let pid1 = children(ampere.child.id())[0];
     assert_eq!(comm(pid1), "ampere");
+    // The supervisor has a process group of its own: a terminal's Ctrl-C,
+    // sent to PID 1's group, reaches it once (passed on), not twice.
+    let supervisor = children(pid1)
+        .into_iter()
+        .find(|p| comm(*p) == "ampere")
+        .expect("the supervisor under PID 1");
+    assert_ne!(pgrp(supervisor), pgrp(pid1));
     let r = get(ampere.addr(), "/orphan?ms=300", Duration::from_secs(10)).unwrap();
     assert_eq!(r.status, 200);
     wait_until(READY, "the orphan to come under PID 1", || {
