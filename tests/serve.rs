@@ -34,6 +34,24 @@ fn two_workers_answer_new_connections() {
     }
 }
 
+/// Zero-config on a platform that sets PORT (Heroku, Cloud Run, Render):
+/// that is the port served.
+#[test]
+fn without_a_config_file_the_port_environment_variable_is_served() {
+    let port = free_port();
+    let metrics_port = free_port();
+    let mut cmd = std::process::Command::new(AMPERE);
+    cmd.arg("start")
+        .arg(fixture("hello"))
+        .args(["--host", "127.0.0.1", "--workers", "1"])
+        .args(["--metrics-port", &metrics_port.to_string()])
+        .env("PORT", port.to_string());
+    let mut ampere = Ampere::spawn(cmd, port, metrics_port);
+    ampere.wait_ready(1, READY);
+    let r = get(ampere.addr(), "/", Duration::from_secs(5)).expect("served on $PORT");
+    assert_eq!(r.status, 200);
+}
+
 fn serves_framework(name: &str, path: &str, expect: &str) {
     let dir = prepare_fixture(name);
     let mut ampere = Ampere::start(&dir, &["--workers", "2"]);

@@ -22,6 +22,18 @@ pub struct Overrides {
     pub metrics_port: Option<Option<u16>>,
 }
 
+/// The service port that the PORT environment variable gives, if set.
+fn port_from_env(value: Option<OsString>) -> Result<Option<u16>> {
+    let Some(value) = value else { return Ok(None) };
+    match value.to_str().and_then(|v| v.trim().parse::<u16>().ok()) {
+        Some(port) if port > 0 => Ok(Some(port)),
+        _ => Err(Error::app(
+            format!("the PORT environment variable is not a port number: {value:?}"),
+            "set PORT to a number from 1 to 65535, unset it, or pass --port",
+        )),
+    }
+}
+
 /// Builds the settings a runtime starts with.
 pub fn resolve(flags: &Overrides) -> Result<Settings> {
     let dir = flags.dir.clone().unwrap_or_else(|| PathBuf::from("."));
@@ -68,6 +80,12 @@ pub fn resolve(flags: &Overrides) -> Result<Settings> {
     }
     if let Some(port) = flags.port {
         config.server.port = super::Port(port);
+    } else if source.is_none() {
+        // Without a config file, the platform's PORT (Heroku, Cloud Run,
+        // Render, Fly set it and probe it); a file says "${PORT:-3000}".
+        if let Some(port) = port_from_env(std::env::var_os("PORT"))? {
+            config.server.port = super::Port(port);
+        }
     }
     if let Some(workers) = flags.workers {
         config.server.workers = workers;
@@ -492,6 +510,17 @@ mod tests {
             err.starts_with("ampere.toml:3:1: unknown field `portt`"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_port_environment_variable_must_be_a_port() {
+        assert_eq!(port_from_env(None).unwrap(), None);
+        assert_eq!(port_from_env(Some("8080".into())).unwrap(), Some(8080));
+        for bad in ["0", "http", "70000", ""] {
+            let e = port_from_env(Some(bad.into())).unwrap_err();
+            assert!(e.to_string().contains("PORT"), "{e}");
+            assert!(e.hint().is_some());
+        }
     }
 
     #[test]
