@@ -22,16 +22,47 @@ pub struct RuntimeDir {
 
 impl RuntimeDir {
     /// Creates `<base>/<pid>/` under `$XDG_RUNTIME_DIR/ampere` or
-    /// `$TMPDIR/ampere-<uid>` and writes the agent into it.
+    /// `$TMPDIR/ampere-<uid>` and writes the agent into it. Containers that
+    /// share /tmp have the same pids (the supervisor is PID 1 or 2 in each):
+    /// where a live runtime of another pid namespace has that directory,
+    /// this one takes `<pid>-1`, `<pid>-2`...
     pub fn create() -> Result<RuntimeDir> {
         let base = base_dir();
-        let dir = base.join(std::process::id().to_string());
+        let making =
+            |dir: &Path, e| unwritable(&format!("creating runtime directory {}", dir.display()), e);
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
-            .create(&dir)
-            .map_err(|e| unwritable(&format!("creating runtime directory {}", dir.display()), e))?;
+            .create(&base)
+            .map_err(|e| making(&base, e))?;
         check_private(&base)?;
+        let pid = std::process::id();
+        let mut dir = None;
+        for n in 0..1000 {
+            let candidate = match n {
+                0 => base.join(pid.to_string()),
+                n => base.join(format!("{pid}-{n}")),
+            };
+            match fs::DirBuilder::new().mode(0o700).create(&candidate) {
+                Ok(()) => {}
+                // Left by a runtime that is gone: ours now.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    if crate::admin::discovery::in_use(&candidate) {
+                        continue;
+                    }
+                }
+                Err(e) => return Err(making(&candidate, e)),
+            }
+            dir = Some(candidate);
+            break;
+        }
+        let dir = dir.ok_or_else(|| {
+            Error::app(
+                format!("no free runtime directory for pid {pid} under {}", base.display()),
+                "remove the directories of runtimes that are gone, or set XDG_RUNTIME_DIR to another \
+                 directory",
+            )
+        })?;
         let agent = dir.join("agent.js");
         write_private(&agent, SOURCE.as_bytes())
             .map_err(|e| unwritable(&format!("writing {}", agent.display()), e))?;

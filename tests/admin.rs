@@ -484,3 +484,68 @@ fn another_user_is_refused() {
     // The owner still gets in.
     rt.cli(&["status", socket.to_str().unwrap()]).success();
 }
+
+/// Containers that share /tmp run their supervisors under the same pid (2,
+/// under the PID 1 stand-in): each gets a runtime directory of its own, and
+/// one stopping leaves the other's alone.
+#[test]
+fn runtimes_of_two_pid_namespaces_sharing_tmp_keep_their_own_directories() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root for a new pid namespace (unshare --pid)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let start = || {
+        let (port, metrics_port) = (free_port(), free_port());
+        let mut cmd = Command::new("unshare");
+        cmd.args([
+            "--pid",
+            "--fork",
+            "--mount-proc",
+            "--kill-child",
+            AMPERE,
+            "start",
+        ])
+        .arg(fixture("hello"))
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .args([
+            "--metrics-port",
+            &metrics_port.to_string(),
+            "--workers",
+            "1",
+        ])
+        .env("TMPDIR", tmp.path())
+        .env_remove("XDG_RUNTIME_DIR");
+        let mut ampere = Ampere::spawn(cmd, port, metrics_port);
+        ampere.wait_ready(1, READY);
+        ampere
+    };
+    let mut a = start();
+    let mut b = start();
+    let base = tmp
+        .path()
+        .join(format!("ampere-{}", nix::unistd::geteuid()));
+    let mut dirs: Vec<String> = std::fs::read_dir(&base)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    dirs.sort();
+    assert_eq!(dirs.len(), 2, "{dirs:?}");
+    assert_eq!(format!("{}-1", dirs[0]), dirs[1], "{dirs:?}");
+    // B stops; A's directory, agent and all, stays: its next worker starts.
+    let pid1 = |ampere: &Ampere| children(ampere.child.id())[0];
+    signal(pid1(&b), Signal::SIGTERM);
+    assert_eq!(b.wait_exit(READY), Some(0));
+    let supervisor = children(pid1(&a))[0];
+    let worker = children(supervisor)[0];
+    signal(worker, Signal::SIGKILL);
+    wait_until(READY, "A's worker to be replaced", || {
+        a.logs.count(|l| msg_is(l, "worker ready")) >= 2
+    });
+    assert_eq!(
+        get(a.addr(), "/", Duration::from_secs(5)).unwrap().status,
+        200
+    );
+    signal(pid1(&a), Signal::SIGTERM);
+    assert_eq!(a.wait_exit(READY), Some(0));
+}

@@ -1,5 +1,6 @@
 //! Finding running runtimes: every runtime has a directory named by its pid
-//! under this user's base directory ([`crate::agent::base_dir`]), with the
+//! (`<pid>-<n>` where that was taken in another pid namespace) under this
+//! user's base directory ([`crate::agent::base_dir`]), with the
 //! admin socket in it. Directories of runtimes that are gone (killed before
 //! they could clean up) are detected and removed.
 
@@ -29,7 +30,10 @@ pub fn list() -> Vec<Found> {
     let mut found: Vec<Found> = entries
         .flatten()
         .filter_map(|e| {
-            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            // `<pid>`, or `<pid>-<n>` where another pid namespace's
+            // runtime with the same pid had it first.
+            let name = e.file_name();
+            let pid: u32 = name.to_str()?.split('-').next()?.parse().ok()?;
             let dir = e.path();
             let socket = dir.join(SOCKET);
             if pid == std::process::id() {
@@ -66,6 +70,13 @@ fn alive(pid: u32) -> bool {
         kill(Pid::from_raw(pid), None),
         Err(nix::errno::Errno::ESRCH)
     )
+}
+
+/// Whether a live runtime has the runtime directory `dir`: something
+/// listens on its admin socket.
+pub fn in_use(dir: &Path) -> bool {
+    let socket = dir.join(SOCKET);
+    socket.exists() && !refused(&socket)
 }
 
 /// Nobody listens on the socket: its runtime died and the pid was reused.
