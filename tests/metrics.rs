@@ -208,3 +208,33 @@ fn the_dashboard_queries_only_exported_metrics() {
         );
     }
 }
+
+/// Clients that open connections to the probe port and never finish a
+/// request (idle, or half a head) are let go, rather than keeping the
+/// supervisor's descriptors for good; probes answer meanwhile.
+#[test]
+fn the_probe_server_lets_go_of_clients_that_send_no_request() {
+    use std::io::{Read, Write};
+    let mut ampere = Ampere::start(&fixture("hello"), &["--workers", "1"]);
+    ampere.wait_ready(1, READY);
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], ampere.metrics_port));
+    let mut idle = std::net::TcpStream::connect(addr).unwrap();
+    let mut partial = std::net::TcpStream::connect(addr).unwrap();
+    partial
+        .write_all(b"GET /live HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    assert_eq!(ampere.probe("/live").unwrap().status, 200);
+    for stream in [&mut idle, &mut partial] {
+        // Far longer than the server's allowance (10 s).
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let mut buf = [0u8; 256];
+        match stream.read(&mut buf) {
+            // Closed (a 408 first is fine too).
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Err(e) => panic!("the server kept the connection: {e}"),
+        }
+    }
+}

@@ -77,6 +77,12 @@ pub fn router(state: Arc<ProbeState>, metrics: Arc<Metrics>) -> Router {
     probes.merge(metrics)
 }
 
+/// How long a client may take to send a request's head, and how long a
+/// kept-alive connection may sit idle: a client that holds connections
+/// open without asking (or a port scanner) must not take the supervisor's
+/// descriptors, which new workers need.
+const HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Serves probes and metrics until the process ends.
 pub async fn serve(
     listener: std::net::TcpListener,
@@ -85,7 +91,26 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
-    axum::serve(listener, router(state, metrics)).await
+    let service = hyper_util::service::TowerToHyperService::new(router(state, metrics));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            // Out of descriptors, most likely: try again shortly, rather
+            // than in a busy loop.
+            Err(_) => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let service = service.clone();
+        tokio::spawn(async move {
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEAD_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+    }
 }
 
 async fn render_metrics(State(m): State<Arc<Metrics>>) -> impl axum::response::IntoResponse {
