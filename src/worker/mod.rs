@@ -106,9 +106,10 @@ impl Worker {
             pid,
             stderr: false,
         };
-        if let Some(stdout) = child.stdout.take() {
-            tokio::spawn(logs::pump(stdout, origin.clone(), logs.clone(), None));
-        }
+        let stdout_done = child
+            .stdout
+            .take()
+            .map(|stdout| tokio::spawn(logs::pump(stdout, origin.clone(), logs.clone(), None)));
         let stderr_done = child.stderr.take().map(|stderr| {
             tokio::spawn(logs::pump(
                 stderr,
@@ -141,14 +142,20 @@ impl Worker {
         });
         tokio::spawn(async move {
             let status = child.wait().await;
-            // Let the stderr pump reach end of file, so the last words of a
-            // crashing worker are in the tail before we report its exit. A
-            // grandchild may hold the pipe open: don't wait for it long.
-            if let Some(done) = stderr_done {
-                let _ = tokio::time::timeout(std::time::Duration::from_millis(200), done).await;
-            }
-            // Anything the app started in its process group goes with it.
+            // Anything the app started in its process group goes with it
+            // (and lets go of the worker's pipes).
             spawn::kill_group(pid, nix::sys::signal::Signal::SIGKILL);
+            // Let both pumps reach end of file: the last words of a crashing
+            // worker are then in the tail before we report its exit, and
+            // what it wrote last is in the log stream before a shutdown
+            // ends. A grandchild outside the group may hold a pipe open:
+            // don't wait for it long.
+            let pumps = async {
+                for done in [stdout_done, stderr_done].into_iter().flatten() {
+                    let _ = done.await;
+                }
+            };
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), pumps).await;
             let status =
                 status.unwrap_or_else(|_| std::os::unix::process::ExitStatusExt::from_raw(0));
             let _ = events.send(WorkerEvent {
