@@ -519,16 +519,22 @@ impl Supervisor {
             self.spawn(slot);
         }
         self.after_change();
+        // A stop signal with `[shutdown] delay`: the signal, and when the
+        // delay ends. Meanwhile /ready says 503 and everything else goes on
+        // (workers that crash are replaced, health is judged).
+        let mut delayed: Option<(Signal, Instant)> = None;
         let first = loop {
             let wake = self.next_deadline();
             let watch = self.watches_queues();
+            let delay_end = delayed.map(|(_, at)| at);
             let mut changed = true;
+            let mut stop = None;
             tokio::select! {
                 Some(ev) = self.events.recv() => changed = self.on_event(ev),
-                _ = term.recv() => break Signal::SIGTERM,
-                _ = int.recv() => break Signal::SIGINT,
+                _ = term.recv() => stop = Some(Signal::SIGTERM),
+                _ = int.recv() => stop = Some(Signal::SIGINT),
+                _ = quit.recv() => stop = Some(Signal::SIGQUIT),
                 _ = hup.recv() => self.start_rolling_restart("SIGHUP"),
-                _ = quit.recv() => break Signal::SIGQUIT,
                 _ = usr1.recv() => warn!(signal = "SIGUSR1", "{IGNORED}"),
                 _ = usr2.recv() => warn!(signal = "SIGUSR2", "{IGNORED}"),
                 Some(cmd) = next_command(&mut self.admin) => {
@@ -537,8 +543,28 @@ impl Supervisor {
                     }
                 }
                 _ = sleep_until(wake) => self.on_timer(),
+                _ = sleep_until(delay_end), if delay_end.is_some() => {
+                    break delayed.map_or(Signal::SIGTERM, |(sig, _)| sig);
+                }
                 _ = tick.tick() => self.probes.tick(),
                 _ = queue_tick.tick(), if watch => changed = self.check_queues(),
+            }
+            if let Some(sig) = stop {
+                if delayed.is_some() {
+                    // A second signal stops at once, as always.
+                    return Ok(self.stop_now(sig).await);
+                }
+                let delay = self.settings.config.shutdown.delay();
+                if delay.is_zero() {
+                    break sig;
+                }
+                info!(
+                    signal = sig.as_str(),
+                    delay_ms = delay.as_millis() as u64,
+                    "unready: serving on while load balancers stop sending ([shutdown] delay; a second signal stops at once)"
+                );
+                self.probes.set_shutting_down();
+                delayed = Some((sig, Instant::now() + delay));
             }
             if self.give_up.is_some() {
                 break Signal::SIGTERM;
@@ -548,7 +574,7 @@ impl Supervisor {
             }
         };
         let gave_up = self.give_up.is_some();
-        let outcome = self.shutdown(first, &mut term, &mut int).await;
+        let outcome = self.shutdown(first, [&mut term, &mut int, &mut quit]).await;
         Ok(match outcome {
             Outcome::Stopped if gave_up => Outcome::GaveUp,
             other => other,
@@ -1809,8 +1835,7 @@ impl Supervisor {
     async fn shutdown(
         mut self,
         signal_received: Signal,
-        term: &mut tokio::signal::unix::Signal,
-        int: &mut tokio::signal::unix::Signal,
+        [term, int, quit]: [&mut tokio::signal::unix::Signal; 3],
     ) -> Outcome {
         let timeout = self.settings.config.shutdown.timeout.get();
         if self.give_up.is_none() {
@@ -1829,26 +1854,6 @@ impl Supervisor {
         // The loop stays alive for /live while it waits below.
         let mut tick = tokio::time::interval(Duration::from_secs(1));
 
-        // 0. Unready but serving, while load balancers stop sending.
-        let delay = self.settings.config.shutdown.delay();
-        if !delay.is_zero() && self.give_up.is_none() {
-            info!(
-                delay_ms = delay.as_millis() as u64,
-                "unready: serving on while load balancers stop sending ([shutdown] delay)"
-            );
-            let until = Instant::now() + delay;
-            loop {
-                tokio::select! {
-                    Some(ev) = self.events.recv() => {
-                        self.on_event(ev);
-                    }
-                    _ = tokio::time::sleep_until(until.into()) => break,
-                    _ = tick.tick() => self.probes.tick(),
-                    _ = term.recv() => return self.stop_now(Signal::SIGTERM).await,
-                    _ = int.recv() => return self.stop_now(Signal::SIGINT).await,
-                }
-            }
-        }
         let deadline = Instant::now() + timeout;
 
         // 1. No new handshakes; ready workers accept what is already queued.
@@ -1881,6 +1886,7 @@ impl Supervisor {
                 _ = tick.tick() => self.probes.tick(),
                 _ = term.recv() => return self.stop_now(Signal::SIGTERM).await,
                 _ = int.recv() => return self.stop_now(Signal::SIGINT).await,
+                _ = quit.recv() => return self.stop_now(Signal::SIGQUIT).await,
             }
         }
 
@@ -1910,6 +1916,7 @@ impl Supervisor {
                 _ = tick.tick() => self.probes.tick(),
                 _ = term.recv() => return self.stop_now(Signal::SIGTERM).await,
                 _ = int.recv() => return self.stop_now(Signal::SIGINT).await,
+                _ = quit.recv() => return self.stop_now(Signal::SIGQUIT).await,
             }
         }
         let left: Vec<u32> = self.processes().map(|w| w.pid).collect();

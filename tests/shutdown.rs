@@ -166,7 +166,7 @@ fn a_second_signal_stops_at_once() {
 fn during_the_shutdown_delay_new_connections_are_still_served() {
     let config = hello_config("[server]\nworkers = 1\n[shutdown]\ndelay = \"10m\"\n");
     let mut ampere = Ampere::start(&fixture("hello"), &["--config", &config.path]);
-    ampere.wait_ready(1, READY);
+    let worker = ampere.wait_ready(1, READY)[0];
     assert_eq!(ampere.probe("/ready").unwrap().status, 200);
     ampere.signal(Signal::SIGTERM);
     ampere.logs.wait_for(READY, "the delay to start", |l| {
@@ -180,7 +180,15 @@ fn during_the_shutdown_delay_new_connections_are_still_served() {
         let r = get(ampere.addr(), "/", Duration::from_secs(5)).expect("served during the delay");
         assert_eq!(r.status, 200);
     }
-    // A second signal skips the rest.
+    // Still a supervisor meanwhile: a worker that dies is replaced.
+    signal(worker, Signal::SIGKILL);
+    wait_until(READY, "the replacement", || {
+        ampere.logs.count(|l| msg_is(l, "worker ready")) >= 2
+    });
+    let r = get(ampere.addr(), "/", Duration::from_secs(5)).expect("served by the replacement");
+    assert_eq!(r.status, 200);
+    assert_eq!(ampere.probe("/ready").unwrap().status, 503);
+    // A second signal stops at once.
     ampere.signal(Signal::SIGTERM);
     assert_eq!(ampere.wait_exit(Duration::from_secs(30)), Some(143));
 }

@@ -448,7 +448,8 @@ pub struct ShutdownConfig {
     /// SIGTERM as it takes the pod out of its Service's endpoints, and
     /// kube-proxy and ingresses go on sending for a few seconds. Unset: 5s
     /// where Kubernetes runs ampere (KUBERNETES_SERVICE_HOST is set), else
-    /// 0s. A second signal skips it.
+    /// 0s. Workers are still replaced and judged meanwhile; a second
+    /// signal stops at once.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub delay: Option<Duration>,
 }
