@@ -631,7 +631,8 @@ function cpuUs() {
 // 1048 (1024 + 24), 4 GiB or more -> 2096 (2048 + 48); with
 // --max-old-space-size=96 the same young generations: 99, 108, 120, 144.
 function oldSpaceLimit(heapSizeLimit) {
-  return oldSpaceFrom(heapSizeLimit, process.execArgv.join(' ') + ' ' + (process.env.NODE_OPTIONS || ''));
+  // The command line wins over NODE_OPTIONS: it comes last.
+  return oldSpaceFrom(heapSizeLimit, (process.env.NODE_OPTIONS || '') + ' ' + process.execArgv.join(' '));
 }
 const MiB = 1048576;
 function oldSpaceFrom(heapSizeLimit, flags) {

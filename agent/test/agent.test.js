@@ -39,7 +39,8 @@ test('the old-space limit is read from the flags, or from V8\'s heap limit by it
 });
 
 test('a worker started with a heap flag reports that limit', { timeout: 20000 }, async () => {
-  const w = await startWorker(APP, { NODE_OPTIONS: '--max-old-space-size=96' });
+  // The command line's flag wins over NODE_OPTIONS', as in node.
+  const w = await startWorker(APP, { NODE_OPTIONS: '--max-old-space-size=200' }, { nodeArgs: ['--max-old-space-size=96'] });
   try {
     await w.next('listening');
     assert.strictEqual((await w.next('heartbeat')).heap_limit, 96 * 1048576);
@@ -52,12 +53,12 @@ test('a worker started with a heap flag reports that limit', { timeout: 20000 },
 // listening socket on a free port as fd 3 and a control channel as fd 4,
 // and `extraEnv` on top of the agent's settings; `stdout: 'pipe'` to read
 // what it prints.
-async function startWorker(script, extraEnv = {}, { stdout = 'inherit' } = {}) {
+async function startWorker(script, extraEnv = {}, { stdout = 'inherit', nodeArgs = [] } = {}) {
   const listener = net.createServer();
   listener.listen(0, '127.0.0.1');
   await once(listener, 'listening');
   const port = listener.address().port;
-  const child = spawn(process.execPath, ['--require', AGENT, '-e', script], {
+  const child = spawn(process.execPath, [...nodeArgs, '--require', AGENT, '-e', script], {
     stdio: ['ignore', stdout, 'inherit', listener._handle.fd, 'pipe'],
     env: { ...process.env, AMPERE_LISTEN_FD: '3', AMPERE_CONTROL_FD: '4', AMPERE_PORT: String(port), PORT: String(port), AMPERE_HEARTBEAT_MS: '50', ...extraEnv },
   });

@@ -20,6 +20,12 @@ use crate::config::{Launch, Settings};
 const WORKER_LISTEN_FD: i32 = 64;
 const WORKER_CONTROL_FD: i32 = 65;
 
+/// Whether a node option (or a NODE_OPTIONS value) sets the V8 heap
+/// limit; V8 takes `-` and `_` alike in flag names.
+fn sets_heap(option: &str) -> bool {
+    option.replace('_', "-").contains("--max-old-space-size")
+}
+
 /// How to start a worker of one service: the same for every slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Command {
@@ -49,14 +55,20 @@ impl Command {
             .iter()
             .map(|o| o.0.clone().into())
             .collect();
-        // The user's own heap flag wins over a share of the container.
-        let heap_flag =
-            |o: &str| o.contains("--max-old-space-size") || o.contains("--max_old_space_size");
-        let user_heap = cfg.node.options.iter().any(|o| heap_flag(&o.0))
+        // The user's own heap flag wins over a share of the container,
+        // wherever it is: [node] options, NODE_OPTIONS, a start script's
+        // node options, a command's arguments (V8 takes - and _ alike).
+        let launch_options: &[String] = match &settings.launch {
+            Launch::Script { node_options, .. } => node_options,
+            Launch::Command { args, .. } => args,
+            Launch::Next { .. } => &[],
+        };
+        let user_heap = cfg.node.options.iter().any(|o| sets_heap(&o.0))
+            || launch_options.iter().any(|o| sets_heap(o))
             || settings
                 .env
                 .get("NODE_OPTIONS")
-                .is_some_and(|o| heap_flag(o));
+                .is_some_and(|o| sets_heap(o));
         let heap_share = if cfg.health.max_heap.is_none() && !user_heap {
             super::memory::container_limit()
                 .map(|limit| (limit, super::memory::old_space_mib(limit, settings.workers)))
@@ -279,5 +291,19 @@ pub fn kill_group(pid: u32, signal: Signal) {
         && pid > 0
     {
         let _ = nix::sys::signal::killpg(Pid::from_raw(pid), signal);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sets_heap;
+
+    #[test]
+    fn heap_flags_are_recognised_in_every_spelling() {
+        assert!(sets_heap("--max-old-space-size=512"));
+        assert!(sets_heap("--max_old_space_size=512"));
+        assert!(sets_heap("--enable-source-maps --max-old_space-size=64"));
+        assert!(!sets_heap("--max-semi-space-size=4"));
+        assert!(!sets_heap("server.js"));
     }
 }
