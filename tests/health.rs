@@ -171,7 +171,8 @@ fn a_leaking_worker_is_replaced_before_it_runs_out_of_heap() {
 struct MemoryCgroup(std::path::PathBuf);
 
 impl MemoryCgroup {
-    /// None where this user cannot make one (not root).
+    /// None where this user cannot make one (not root, or a container
+    /// without a writable cgroup tree); CI must be able to.
     fn new(limit: u64) -> Option<MemoryCgroup> {
         let root = std::path::Path::new("/sys/fs/cgroup");
         let name = format!("ampere-test-{}", std::process::id());
@@ -180,11 +181,17 @@ impl MemoryCgroup {
         } else {
             (root.join(name), "memory.max")
         };
-        if !nix::unistd::geteuid().is_root() {
+        let made = nix::unistd::geteuid().is_root()
+            && std::fs::create_dir(&dir).is_ok()
+            && std::fs::write(dir.join(file), limit.to_string()).is_ok();
+        if !made {
+            let _ = std::fs::remove_dir(&dir);
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI cannot make a memory cgroup"
+            );
             return None;
         }
-        std::fs::create_dir(&dir).expect("creating a memory cgroup");
-        std::fs::write(dir.join(file), limit.to_string()).expect("setting its limit");
         Some(MemoryCgroup(dir))
     }
 
@@ -211,11 +218,11 @@ impl Drop for MemoryCgroup {
 /// In a container that limits memory, each worker's heap is a share of
 /// it: a leaking worker is then replaced before the container runs out.
 /// With node's own default (about half the container per worker), four
-/// leaking workers outgrow 512 MiB together and the kernel kills one.
+/// leaking workers outgrow 640 MiB together and the kernel kills one.
 #[test]
 fn in_a_memory_limited_container_each_worker_gets_a_share_of_the_heap() {
-    let Some(cgroup) = MemoryCgroup::new(512 << 20) else {
-        eprintln!("skipped: making a memory cgroup needs root");
+    let Some(cgroup) = MemoryCgroup::new(640 << 20) else {
+        eprintln!("skipped: making a memory cgroup needs root and a writable cgroup tree");
         return;
     };
     let port = free_port();
@@ -242,8 +249,9 @@ fn in_a_memory_limited_container_each_worker_gets_a_share_of_the_heap() {
             .as_str()
             .is_some_and(|m| m.contains("a share of the container's memory"))
     });
-    assert_eq!(said["heap_limit_mib"], 96, "{said}");
-    assert_eq!(said["container_memory_mib"], 512, "{said}");
+    // 640 MiB / 4 workers * 3/4.
+    assert_eq!(said["heap_limit_mib"], 120, "{said}");
+    assert_eq!(said["container_memory_mib"], 640, "{said}");
     wait_until(READY, "every worker's heap limit in the metrics", || {
         (0..4).all(|w| {
             let limit = metric(
@@ -251,7 +259,7 @@ fn in_a_memory_limited_container_each_worker_gets_a_share_of_the_heap() {
                 "nodejs_heap_space_limit_bytes",
                 &format!("worker=\"{w}\""),
             );
-            (80.0..=112.0).contains(&(limit / 1048576.0))
+            (110.0..=130.0).contains(&(limit / 1048576.0))
         })
     });
     // Every worker leaks: 256 KiB kept per request.

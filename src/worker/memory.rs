@@ -19,13 +19,15 @@ const OLD_SPACE_PART: f64 = 0.75;
 pub const MIN_OLD_SPACE_MIB: u64 = 64;
 
 /// The memory limit of this process's cgroup, or of the nearest ancestor
-/// that sets a lower one; None where nothing sets one below the machine's
-/// memory.
+/// that sets a lower one; None where nothing sets one, or one above the
+/// machine's memory.
 pub fn container_limit() -> Option<u64> {
     let cgroups = std::fs::read_to_string("/proc/self/cgroup").ok()?;
     let limit = limit_in(Path::new("/sys/fs/cgroup"), &cgroups)?;
+    // Equal is a limit: lxcfs and gVisor show the container's limit as
+    // the machine's memory, and node sizes each worker from it.
     match physical_memory() {
-        Some(total) if limit >= total => None,
+        Some(total) if limit > total => None,
         _ => Some(limit),
     }
 }
