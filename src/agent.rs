@@ -18,6 +18,8 @@ pub const SOURCE: &str = include_str!("../agent/agent.js");
 pub struct RuntimeDir {
     dir: PathBuf,
     agent: PathBuf,
+    /// Held for this runtime's life: the directory is taken.
+    _lock: nix::fcntl::Flock<fs::File>,
 }
 
 impl RuntimeDir {
@@ -37,26 +39,30 @@ impl RuntimeDir {
             .map_err(|e| making(&base, e))?;
         check_private(&base)?;
         let pid = std::process::id();
-        let mut dir = None;
+        let mut taken = None;
         for n in 0..1000 {
             let candidate = match n {
                 0 => base.join(pid.to_string()),
                 n => base.join(format!("{pid}-{n}")),
             };
             match fs::DirBuilder::new().mode(0o700).create(&candidate) {
+                // New, or left by a runtime that is gone: ours if its lock is
+                // free.
                 Ok(()) => {}
-                // Left by a runtime that is gone: ours now.
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    if crate::admin::discovery::in_use(&candidate) {
-                        continue;
-                    }
-                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(making(&candidate, e)),
             }
-            dir = Some(candidate);
-            break;
+            match crate::admin::discovery::claim(&candidate) {
+                Ok(Some(lock)) => {
+                    taken = Some((candidate, lock));
+                    break;
+                }
+                // A live runtime of another pid namespace has it.
+                Ok(None) => continue,
+                Err(e) => return Err(making(&candidate, e)),
+            }
         }
-        let dir = dir.ok_or_else(|| {
+        let (dir, lock) = taken.ok_or_else(|| {
             Error::app(
                 format!("no free runtime directory for pid {pid} under {}", base.display()),
                 "remove the directories of runtimes that are gone, or set XDG_RUNTIME_DIR to another \
@@ -66,7 +72,11 @@ impl RuntimeDir {
         let agent = dir.join("agent.js");
         write_private(&agent, SOURCE.as_bytes())
             .map_err(|e| unwritable(&format!("writing {}", agent.display()), e))?;
-        Ok(RuntimeDir { dir, agent })
+        Ok(RuntimeDir {
+            dir,
+            agent,
+            _lock: lock,
+        })
     }
 
     pub fn agent(&self) -> &Path {

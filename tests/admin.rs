@@ -532,10 +532,30 @@ fn runtimes_of_two_pid_namespaces_sharing_tmp_keep_their_own_directories() {
     dirs.sort();
     assert_eq!(dirs.len(), 2, "{dirs:?}");
     assert_eq!(format!("{}-1", dirs[0]), dirs[1], "{dirs:?}");
+    // The CLI tells them apart: the pid alone is ambiguous, the
+    // directory's name is not.
+    let cli = |args: &[&str]| {
+        Command::new(AMPERE)
+            .args(args)
+            .env("TMPDIR", tmp.path())
+            .env_remove("XDG_RUNTIME_DIR")
+            .output()
+            .unwrap()
+    };
+    let ps = cli(&["ps"]);
+    let listed = String::from_utf8_lossy(&ps.stdout);
+    assert!(
+        listed.contains(&dirs[0]) && listed.contains(&dirs[1]),
+        "{listed}"
+    );
+    let ambiguous = cli(&["stop", "--runtime", &dirs[0]]);
+    let said = String::from_utf8_lossy(&ambiguous.stderr);
+    assert!(!ambiguous.status.success(), "{said}");
+    assert!(said.contains(&dirs[1]), "the hint names both: {said}");
     // B stops; A's directory, agent and all, stays: its next worker starts.
-    let pid1 = |ampere: &Ampere| children(ampere.child.id())[0];
-    signal(pid1(&b), Signal::SIGTERM);
+    assert!(cli(&["stop", "--runtime", &dirs[1]]).status.success());
     assert_eq!(b.wait_exit(READY), Some(0));
+    let pid1 = |ampere: &Ampere| children(ampere.child.id())[0];
     let supervisor = children(pid1(&a))[0];
     let worker = children(supervisor)[0];
     signal(worker, Signal::SIGKILL);

@@ -16,6 +16,8 @@ use crate::error::Error;
 #[derive(Debug, Clone)]
 pub struct Found {
     pub pid: u32,
+    /// Its directory's name: the pid, or `<pid>-<n>` (see [`list`]).
+    pub id: String,
     pub socket: PathBuf,
 }
 
@@ -33,7 +35,8 @@ pub fn list() -> Vec<Found> {
             // `<pid>`, or `<pid>-<n>` where another pid namespace's
             // runtime with the same pid had it first.
             let name = e.file_name();
-            let pid: u32 = name.to_str()?.split('-').next()?.parse().ok()?;
+            let id = name.to_str()?.to_owned();
+            let pid: u32 = id.split('-').next()?.parse().ok()?;
             let dir = e.path();
             let socket = dir.join(SOCKET);
             if pid == std::process::id() {
@@ -43,18 +46,22 @@ pub fn list() -> Vec<Found> {
                 let _ = std::fs::remove_dir_all(&dir);
                 return None;
             }
-            socket.exists().then_some(Found { pid, socket })
+            socket.exists().then_some(Found { pid, id, socket })
         })
         .collect();
     found.sort_by_key(|f| f.pid);
     found
 }
 
-/// Whether a runtime directory is left over: judged by its socket where it
-/// has one, since a runtime in another pid namespace (a container sharing
-/// /tmp) is alive although its pid is not.
+/// Whether a runtime directory is left over: judged by its lock, which a
+/// live runtime holds (see [`lock`]), else by its socket, since a runtime in
+/// another pid namespace (a container sharing /tmp) is alive although its
+/// pid is not.
 fn stale(pid: u32, socket: &Path) -> bool {
-    if socket.exists() {
+    let lock_file = socket.with_file_name(LOCK);
+    if lock_file.exists() {
+        lock(&lock_file).is_ok_and(|held| held.is_some())
+    } else if socket.exists() {
         refused(socket)
     } else {
         !alive(pid)
@@ -72,11 +79,34 @@ fn alive(pid: u32) -> bool {
     )
 }
 
-/// Whether a live runtime has the runtime directory `dir`: something
-/// listens on its admin socket.
-pub fn in_use(dir: &Path) -> bool {
+/// The lock file in each runtime directory.
+const LOCK: &str = "lock";
+
+/// Takes the lock of a runtime directory `dir`, for as long as the
+/// returned lock lives; None when a live runtime holds it (in this pid
+/// namespace or another: the lock is on the file). A runtime of an older
+/// ampere, without a lock, counts as holding it while its socket answers.
+pub fn claim(dir: &Path) -> std::io::Result<Option<nix::fcntl::Flock<std::fs::File>>> {
     let socket = dir.join(SOCKET);
-    socket.exists() && !refused(&socket)
+    if socket.exists() && !refused(&socket) && !dir.join(LOCK).exists() {
+        return Ok(None);
+    }
+    lock(&dir.join(LOCK))
+}
+
+fn lock(path: &Path) -> std::io::Result<Option<nix::fcntl::Flock<std::fs::File>>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(path)?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(held) => Ok(Some(held)),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+        Err((_, e)) => Err(e.into()),
+    }
 }
 
 /// Nobody listens on the socket: its runtime died and the pid was reused.
@@ -94,18 +124,38 @@ pub fn pick(runtime: Option<&str>) -> Result<PathBuf, Error> {
         if r.contains('/') {
             return Ok(PathBuf::from(r));
         }
+        let all = list();
+        // `2-1`: a runtime whose pid another pid namespace's had first.
+        if r.contains('-')
+            && let Some(f) = all.iter().find(|f| f.id == r)
+        {
+            return Ok(f.socket.clone());
+        }
         let pid: u32 = r.parse().map_err(|_| Error::Flag {
             flag: "--runtime",
             message: format!("{r:?} is neither a pid nor a socket path"),
         })?;
-        return list()
-            .into_iter()
-            .find(|f| f.pid == pid)
-            .map(|f| f.socket)
-            .ok_or_else(|| Error::App {
+        let mut same: Vec<Found> = all.into_iter().filter(|f| f.pid == pid).collect();
+        return match same.len() {
+            0 => Err(Error::App {
                 message: format!("no ampere runtime with pid {pid} runs as this user"),
                 hint: Some("`ampere ps` lists the running runtimes".into()),
-            });
+            }),
+            1 => Ok(same.remove(0).socket),
+            _ => Err(Error::App {
+                message: format!(
+                    "{} runtimes have pid {pid} (in containers that share this directory)",
+                    same.len()
+                ),
+                hint: Some(format!(
+                    "pass its admin socket: --runtime {}",
+                    same.iter()
+                        .map(|f| f.socket.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(" or ")
+                )),
+            }),
+        };
     }
     let mut all = list();
     match all.len() {
@@ -122,7 +172,7 @@ pub fn pick(runtime: Option<&str>) -> Result<PathBuf, Error> {
                 "{} runtimes are running (pids {}); say which",
                 all.len(),
                 all.iter()
-                    .map(|f| f.pid.to_string())
+                    .map(|f| f.id.clone())
                     .collect::<Vec<_>>()
                     .join(", ")
             ),

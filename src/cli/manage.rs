@@ -232,12 +232,12 @@ pub fn ps(args: &PsArgs) -> Result<ExitCode> {
     for found in discovery::list() {
         match call(&found.socket, "GET", "/v1/runtime", None).and_then(|r| parse::<RuntimeInfo>(&r))
         {
-            Ok(info) => infos.push(info),
-            Err(e) => eprintln!("warning: runtime {}: {e}", found.pid),
+            Ok(info) => infos.push((found.id, info)),
+            Err(e) => eprintln!("warning: runtime {}: {e}", found.id),
         }
     }
     if args.json.json {
-        print_json(&infos);
+        print_json(&infos.iter().map(|(_, i)| i).collect::<Vec<_>>());
         return Ok(ExitCode::SUCCESS);
     }
     if infos.is_empty() {
@@ -246,7 +246,7 @@ pub fn ps(args: &PsArgs) -> Result<ExitCode> {
     }
     let rows: Vec<Vec<(String, Option<&str>)>> = infos
         .iter()
-        .map(|i| {
+        .map(|(id, i)| {
             let services = i
                 .services
                 .iter()
@@ -261,7 +261,9 @@ pub fn ps(args: &PsArgs) -> Result<ExitCode> {
                 .join(",");
             let workers: usize = i.services.iter().map(|s| s.workers).sum();
             vec![
-                (i.pid.to_string(), None),
+                // The pid, or `<pid>-<n>` where containers sharing the
+                // directory have the same pid: what --runtime takes.
+                (id.clone(), None),
                 (services, None),
                 (addresses, None),
                 (workers.to_string(), None),
