@@ -496,27 +496,14 @@ fn runtimes_of_two_pid_namespaces_sharing_tmp_keep_their_own_directories() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let start = || {
-        let (port, metrics_port) = (free_port(), free_port());
-        let mut cmd = Command::new("unshare");
-        cmd.args([
-            "--pid",
-            "--fork",
-            "--mount-proc",
-            "--kill-child",
-            AMPERE,
-            "start",
-        ])
-        .arg(fixture("hello"))
-        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-        .args([
-            "--metrics-port",
-            &metrics_port.to_string(),
-            "--workers",
-            "1",
-        ])
-        .env("TMPDIR", tmp.path())
-        .env_remove("XDG_RUNTIME_DIR");
-        let mut ampere = Ampere::spawn(cmd, port, metrics_port);
+        let mut ampere = Ampere::start_with(
+            &fixture("hello"),
+            &["--workers", "1"],
+            &NEW_PID_NAMESPACE,
+            |cmd| {
+                cmd.env("TMPDIR", tmp.path()).env_remove("XDG_RUNTIME_DIR");
+            },
+        );
         ampere.wait_ready(1, READY);
         ampere
     };

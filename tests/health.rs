@@ -195,14 +195,15 @@ impl MemoryCgroup {
         Some(MemoryCgroup(dir))
     }
 
-    /// `cmd` run inside the cgroup.
-    fn wrap(&self, cmd: &[&str]) -> std::process::Command {
-        let mut c = std::process::Command::new("sh");
-        c.arg("-c")
-            .arg("echo $$ > \"$0/cgroup.procs\" && exec \"$@\"")
-            .arg(&self.0)
-            .args(cmd);
-        c
+    /// A launcher for [`Ampere::start_with`] that runs ampere inside the
+    /// cgroup.
+    fn launcher(&self) -> [&str; 4] {
+        [
+            "sh",
+            "-c",
+            "echo $$ > \"$0/cgroup.procs\" && exec \"$@\"",
+            self.0.to_str().unwrap(),
+        ]
     }
 }
 
@@ -225,24 +226,12 @@ fn in_a_memory_limited_container_each_worker_gets_a_share_of_the_heap() {
         eprintln!("skipped: making a memory cgroup needs root and a writable cgroup tree");
         return;
     };
-    let port = free_port();
-    let metrics_port = free_port();
-    let (port_s, metrics_s) = (port.to_string(), metrics_port.to_string());
-    let dir = fixture("hello");
-    let cmd = cgroup.wrap(&[
-        AMPERE,
-        "start",
-        dir.to_str().unwrap(),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        &port_s,
-        "--metrics-port",
-        &metrics_s,
-        "--workers",
-        "4",
-    ]);
-    let mut ampere = Ampere::spawn(cmd, port, metrics_port);
+    let mut ampere = Ampere::start_with(
+        &fixture("hello"),
+        &["--workers", "4"],
+        &cgroup.launcher(),
+        |_| {},
+    );
     let first: HashSet<u32> = ampere.wait_ready(4, READY).into_iter().collect();
     let said = ampere.logs.wait_for(READY, "the heap share log line", |l| {
         l["msg"]

@@ -195,20 +195,9 @@ fn during_the_shutdown_delay_new_connections_are_still_served() {
 
 #[test]
 fn in_kubernetes_the_shutdown_delay_is_5s_unless_set() {
-    let port = free_port();
-    let metrics_port = free_port();
-    let mut cmd = std::process::Command::new(AMPERE);
-    cmd.arg("start")
-        .arg(fixture("hello"))
-        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-        .args([
-            "--metrics-port",
-            &metrics_port.to_string(),
-            "--workers",
-            "1",
-        ])
-        .env("KUBERNETES_SERVICE_HOST", "10.0.0.1");
-    let mut ampere = Ampere::spawn(cmd, port, metrics_port);
+    let mut ampere = Ampere::start_with(&fixture("hello"), &["--workers", "1"], &[], |cmd| {
+        cmd.env("KUBERNETES_SERVICE_HOST", "10.0.0.1");
+    });
     ampere.wait_ready(1, READY);
     ampere.signal(Signal::SIGTERM);
     let line = ampere.logs.wait_for(READY, "the delay to start", |l| {
@@ -310,27 +299,12 @@ fn as_pid_1_orphans_are_reaped_and_sigterm_stops() {
         eprintln!("skipped: needs root for a new pid namespace (unshare --pid)");
         return;
     }
-    let port = free_port();
-    let metrics_port = free_port();
-    let mut cmd = std::process::Command::new("unshare");
-    // --kill-child: a failing test (which kills unshare) leaves nothing.
-    cmd.args([
-        "--pid",
-        "--fork",
-        "--mount-proc",
-        "--kill-child",
-        AMPERE,
-        "start",
-    ])
-    .arg(fixture("hello"))
-    .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-    .args([
-        "--metrics-port",
-        &metrics_port.to_string(),
-        "--workers",
-        "1",
-    ]);
-    let mut ampere = Ampere::spawn(cmd, port, metrics_port);
+    let mut ampere = Ampere::start_with(
+        &fixture("hello"),
+        &["--workers", "1"],
+        &NEW_PID_NAMESPACE,
+        |_| {},
+    );
     ampere.wait_ready(1, READY);
     // ampere as PID 1 in there: unshare's child.
     let pid1 = children(ampere.child.id())[0];

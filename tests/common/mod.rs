@@ -153,9 +153,29 @@ pub struct Ampere {
 impl Ampere {
     /// Starts `ampere start <dir> --port <free> --host 127.0.0.1 <extra...>`.
     pub fn start(dir: &Path, extra: &[&str]) -> Ampere {
+        Self::start_with(dir, extra, &[], |_| {})
+    }
+
+    /// `ampere start dir` on fresh ports with `extra` flags, run through
+    /// `launcher` (a program and its arguments, ampere's path then
+    /// following; empty: ampere itself), after `setup` has had its say
+    /// (the environment, say).
+    pub fn start_with(
+        dir: &Path,
+        extra: &[&str],
+        launcher: &[&str],
+        setup: impl FnOnce(&mut Command),
+    ) -> Ampere {
         let port = free_port();
         let metrics_port = free_port();
-        let mut cmd = Command::new(AMPERE);
+        let mut cmd = match launcher.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(AMPERE);
+                cmd
+            }
+            None => Command::new(AMPERE),
+        };
         cmd.arg("start")
             .arg(dir)
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
@@ -163,6 +183,7 @@ impl Ampere {
             .args(extra)
             // A CI runner in a Kubernetes pod would add a shutdown delay.
             .env_remove("KUBERNETES_SERVICE_HOST");
+        setup(&mut cmd);
         Self::spawn(cmd, port, metrics_port)
     }
 
@@ -285,6 +306,12 @@ impl Drop for Ampere {
 }
 
 pub use nix::sys::signal::Signal;
+
+/// A launcher for [`Ampere::start_with`] that makes ampere PID 1 of a new
+/// pid namespace, as in a container (needs root). --kill-child: a failing
+/// test (which kills unshare) leaves nothing.
+pub const NEW_PID_NAMESPACE: [&str; 5] =
+    ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"];
 
 /// The sum of the samples of metric `name` whose line contains `label`.
 pub fn metric(ampere: &Ampere, name: &str, label: &str) -> f64 {
