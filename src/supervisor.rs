@@ -25,7 +25,7 @@ use crate::config::Settings;
 use crate::error::Error;
 use crate::health::{Tracker, Verdict};
 use crate::listeners::Listeners;
-use crate::telemetry::logs::Logs;
+use crate::telemetry::logs::{self, Logs};
 use crate::telemetry::metrics::{Metrics, Snapshot, WorkerSample};
 use crate::telemetry::probes::ProbeState;
 use crate::telemetry::traces::Traces;
@@ -902,7 +902,7 @@ impl Supervisor {
             uptime_ms = w.started.elapsed().as_millis() as u64,
             failures = slot.failures,
             restart_in_ms = delay.as_millis() as u64,
-            stderr = tail.join("\n"),
+            stderr = tail[tail.len().saturating_sub(logs::STDERR_SHOWN)..].join("\n"),
             "worker {reason}{cause}; failure {} in a row, restarting in {}",
             slot.failures,
             humantime::format_duration(Duration::from_millis(delay.as_millis() as u64)),

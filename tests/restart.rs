@@ -145,6 +145,24 @@ fn crash_loop_backs_off_and_says_why() {
     );
 }
 
+/// node's report of an 'error' event nobody listens to runs long (a stack,
+/// the error's properties, where it was emitted): its heading is still the
+/// reason given.
+#[test]
+fn a_long_error_report_still_gives_its_heading() {
+    let ampere = Ampere::start_with(&fixture("crash"), &[], &[], |cmd| {
+        cmd.env("CRASH_WITH", "emitter");
+    });
+    let crash = ampere.logs.wait_for(READY, "a crash", |l| {
+        l["level"] == 50 && l["failures"].is_u64()
+    });
+    let msg = crash["msg"].as_str().unwrap();
+    assert!(
+        msg.contains("Error: queue connection refused at mq:5672"),
+        "the log should say why: {crash}"
+    );
+}
+
 /// An app that cannot start at all: once every worker has failed
 /// `[restart] give_up_after` times in a row, ampere stops with exit status
 /// 1 (for the platform to see the crash loop) and says why.

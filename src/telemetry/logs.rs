@@ -143,8 +143,13 @@ impl Stall {
     }
 }
 
-/// Lines of a worker's stderr kept to explain why it died.
-pub const STDERR_TAIL: usize = 20;
+/// Lines of a worker's stderr kept to explain why it died: enough for
+/// node's longest reports (an 'error' event nobody listens to: a stack of
+/// ten frames, the error's properties, where it was emitted), whose
+/// heading is what the crash log quotes.
+pub const STDERR_TAIL: usize = 60;
+/// Of those, the last lines that a crash's log record carries.
+pub const STDERR_SHOWN: usize = 20;
 
 enum Item {
     Record(Vec<u8>),
