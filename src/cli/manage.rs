@@ -77,8 +77,9 @@ pub struct LogsArgs {
 pub struct MetricsArgs {
     #[command(flatten)]
     target: Target,
-    #[command(flatten)]
-    json: Json,
+    /// Print the samples as JSON instead of the Prometheus text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -375,7 +376,7 @@ pub fn metrics(args: &MetricsArgs) -> Result<ExitCode> {
     let socket = discovery::pick(args.target.runtime.as_deref())?;
     let reply = call(&socket, "GET", "/v1/metrics", None)?;
     let text = String::from_utf8_lossy(&reply.body);
-    if !args.json.json {
+    if !args.json {
         print!("{text}");
         return Ok(ExitCode::SUCCESS);
     }

@@ -435,7 +435,7 @@ impl Default for RestartConfig {
     }
 }
 
-/// Graceful shutdown on SIGTERM / SIGINT.
+/// Graceful shutdown on SIGTERM, SIGINT or SIGQUIT.
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct ShutdownConfig {
