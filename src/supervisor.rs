@@ -1858,7 +1858,19 @@ impl Supervisor {
 
         // 1. No new handshakes; ready workers accept what is already queued.
         if let Err(e) = self.listeners.refuse_new_connections() {
-            warn!(error = %e, "cannot stop new connections at the socket; queued connections may be reset");
+            // Some kernels refuse socket filters to users without privilege
+            // (steering programs still attach): the overflow listener then
+            // answers new connections with 503, rather than letting them
+            // queue on sockets that close, and reset, at exit.
+            let all_to_overflow = crate::balance::Weights {
+                slots: vec![0; self.slots.len()],
+                overflow: 1,
+            };
+            if self.listeners.has_overflow() && self.listeners.steer(&all_to_overflow).is_ok() {
+                warn!(error = %e, "cannot stop new connections at the socket; until ampere exits, new connections get 503 from the overflow listener");
+            } else {
+                warn!(error = %e, "cannot stop new connections at the socket; queued connections may be reset");
+            }
         }
         let queue_deadline = Instant::now() + (timeout / 2).min(Duration::from_secs(5));
         loop {

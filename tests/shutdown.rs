@@ -262,6 +262,55 @@ fn stray_signals_do_not_kill_ampere_and_sigquit_stops_gracefully() {
     assert_eq!(ampere.wait_exit(Duration::from_secs(30)), Some(0));
 }
 
+/// Run by a user without privilege, where the kernel refuses that user
+/// the socket filter that stops new handshakes (this test's VM does):
+/// connections that arrive during the drain are still answered (503 from
+/// the overflow listener), never queued to be reset at exit. Where the
+/// filter is allowed, they are refused at the socket; either way, no reset.
+#[test]
+fn connections_arriving_during_the_drain_are_never_reset_without_privilege() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to run ampere as another user");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        tmp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let nobody = [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+    ];
+    let mut ampere = Ampere::start_with(&fixture("hello"), &["--workers", "2"], &nobody, |cmd| {
+        cmd.env("TMPDIR", tmp.path()).env_remove("XDG_RUNTIME_DIR");
+    });
+    ampere.wait_ready(2, READY);
+    let addr = ampere.addr();
+    let slow = std::thread::spawn(move || get(addr, "/slow?ms=3000", Duration::from_secs(30)));
+    wait_until(READY, "the request to be in flight", || {
+        get(addr, "/", Duration::from_secs(5)).is_ok_and(|r| r.body.contains("\"inflight\":2"))
+    });
+    ampere.signal(Signal::SIGTERM);
+    // The idle worker has drained and gone; the other one accepts no more.
+    ampere.logs.wait_for(READY, "the idle worker to stop", |l| {
+        msg_is(l, "worker stopped")
+    });
+    match get(addr, "/", Duration::from_secs(20)) {
+        Ok(r) => {
+            assert_eq!(r.status, 503, "{r:?}");
+            assert!(r.header("retry-after").is_some(), "{r:?}");
+        }
+        Err(Failure::Connect(_)) => {}
+        Err(e) => panic!("a connection during the drain was broken: {e:?}"),
+    }
+    assert_eq!(slow.join().unwrap().expect("the slow request").status, 200);
+    assert_eq!(ampere.wait_exit(READY), Some(0));
+}
+
 #[test]
 fn workers_die_with_the_supervisor() {
     let mut ampere = Ampere::start(&fixture("hello"), &["--workers", "2"]);
