@@ -15,6 +15,26 @@ use common::*;
 
 const READY: Duration = Duration::from_secs(30);
 
+/// A request to /slow that takes `ms` on one worker, in flight once this
+/// returns (the next request on that worker would count two in flight);
+/// its outcome when joined.
+fn slow_request_in_flight(
+    addr: std::net::SocketAddr,
+    ms: u64,
+) -> std::thread::JoinHandle<Result<Response, Failure>> {
+    let slow = std::thread::spawn(move || {
+        get(
+            addr,
+            &format!("/slow?ms={ms}"),
+            Duration::from_secs(ms / 1000 + 30),
+        )
+    });
+    wait_until(READY, "the request to be in flight", || {
+        get(addr, "/", Duration::from_secs(5)).is_ok_and(|r| r.body.contains("\"inflight\":2"))
+    });
+    slow
+}
+
 #[test]
 fn sigterm_under_load_completes_every_accepted_request() {
     let mut ampere = Ampere::start(&fixture("hello"), &["--workers", "2"]);
@@ -124,10 +144,7 @@ fn workers_still_busy_after_the_timeout_are_killed() {
     let mut ampere = Ampere::start(&fixture("hello"), &["--config", &config.path]);
     let workers = ampere.wait_ready(1, READY);
     let addr = ampere.addr();
-    let stuck = std::thread::spawn(move || get(addr, "/slow?ms=60000", Duration::from_secs(90)));
-    wait_until(READY, "the request to be in flight", || {
-        get(addr, "/", Duration::from_secs(5)).is_ok_and(|r| r.body.contains("\"inflight\":2"))
-    });
+    let stuck = slow_request_in_flight(addr, 60000);
     ampere.signal(Signal::SIGTERM);
     assert_eq!(ampere.wait_exit(Duration::from_secs(30)), Some(0));
     ampere.logs.wait_for(READY, "the kill", |l| {
@@ -146,10 +163,7 @@ fn a_second_signal_stops_at_once() {
     let mut ampere = Ampere::start(&fixture("hello"), &["--config", &config.path]);
     let workers = ampere.wait_ready(1, READY);
     let addr = ampere.addr();
-    let _stuck = std::thread::spawn(move || get(addr, "/slow?ms=60000", Duration::from_secs(90)));
-    wait_until(READY, "the request to be in flight", || {
-        get(addr, "/", Duration::from_secs(5)).is_ok_and(|r| r.body.contains("\"inflight\":2"))
-    });
+    let _stuck = slow_request_in_flight(addr, 60000);
     ampere.signal(Signal::SIGINT);
     ampere
         .logs
@@ -219,10 +233,7 @@ fn live_stays_ok_through_a_long_drain() {
     ampere.wait_ready(1, READY);
     let addr = ampere.addr();
     // Longer than /live's 5 s allowance for a silent loop.
-    let slow = std::thread::spawn(move || get(addr, "/slow?ms=8000", Duration::from_secs(30)));
-    wait_until(READY, "the request to be in flight", || {
-        get(addr, "/", Duration::from_secs(5)).is_ok_and(|r| r.body.contains("\"inflight\":2"))
-    });
+    let slow = slow_request_in_flight(addr, 8000);
     ampere.signal(Signal::SIGTERM);
     let mut answers = Vec::new();
     while !slow.is_finished() {
@@ -253,10 +264,7 @@ fn stray_signals_do_not_kill_ampere_and_sigquit_stops_gracefully() {
     let r = get(ampere.addr(), "/", Duration::from_secs(5)).expect("still serving");
     assert_eq!(r.status, 200);
     let addr = ampere.addr();
-    let slow = std::thread::spawn(move || get(addr, "/slow?ms=1000", Duration::from_secs(30)));
-    wait_until(READY, "the request to be in flight", || {
-        get(addr, "/", Duration::from_secs(5)).is_ok_and(|r| r.body.contains("\"inflight\":2"))
-    });
+    let slow = slow_request_in_flight(addr, 1000);
     ampere.signal(Signal::SIGQUIT);
     assert_eq!(slow.join().unwrap().expect("finished").status, 200);
     assert_eq!(ampere.wait_exit(Duration::from_secs(30)), Some(0));
@@ -290,10 +298,7 @@ fn connections_arriving_during_the_drain_are_never_reset_without_privilege() {
     });
     ampere.wait_ready(2, READY);
     let addr = ampere.addr();
-    let slow = std::thread::spawn(move || get(addr, "/slow?ms=3000", Duration::from_secs(30)));
-    wait_until(READY, "the request to be in flight", || {
-        get(addr, "/", Duration::from_secs(5)).is_ok_and(|r| r.body.contains("\"inflight\":2"))
-    });
+    let slow = slow_request_in_flight(addr, 3000);
     ampere.signal(Signal::SIGTERM);
     // The idle worker has drained and gone; the other one accepts no more.
     ampere.logs.wait_for(READY, "the idle worker to stop", |l| {
