@@ -1245,24 +1245,19 @@ impl Supervisor {
     fn log_heap_share(&self) {
         if let Some((limit, mib)) = self.command.heap_share() {
             let workers = self.settings.workers;
-            let note = "each worker's V8 heap limit is a share of the container's memory, so that \
-                 a leaking worker is replaced before the container runs out; [health] max_heap \
-                 sets it";
+            info!(
+                service = &*self.service,
+                container_memory_mib = limit >> 20,
+                workers,
+                heap_limit_mib = mib,
+                "each worker's V8 heap limit is a share of the container's memory, so that a \
+                 leaking worker is replaced before the container runs out; [health] max_heap sets it"
+            );
             if mib == crate::worker::MIN_OLD_SPACE_MIB {
                 warn!(
                     service = &*self.service,
-                    container_memory_mib = limit >> 20,
                     workers,
-                    heap_limit_mib = mib,
-                    "{note}; the container's memory is small for this many workers"
-                );
-            } else {
-                info!(
-                    service = &*self.service,
-                    container_memory_mib = limit >> 20,
-                    workers,
-                    heap_limit_mib = mib,
-                    "{note}"
+                    "the container's memory is small for this many workers: each gets the least heap ampere gives"
                 );
             }
         }

@@ -437,8 +437,7 @@ fn as_nobody(socket: &Path) -> std::process::Output {
 
 #[test]
 fn another_user_is_refused() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIPPED: switching to another uid needs root");
+    if !root_or_skip("to switch to another uid") {
         return;
     }
     let mut rt = Runtime::start("");
@@ -490,8 +489,7 @@ fn another_user_is_refused() {
 /// one stopping leaves the other's alone.
 #[test]
 fn runtimes_of_two_pid_namespaces_sharing_tmp_keep_their_own_directories() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root for a new pid namespace (unshare --pid)");
+    if !root_or_skip("for a new pid namespace (unshare --pid)") {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();

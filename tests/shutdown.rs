@@ -277,8 +277,7 @@ fn stray_signals_do_not_kill_ampere_and_sigquit_stops_gracefully() {
 /// filter is allowed, they are refused at the socket; either way, no reset.
 #[test]
 fn connections_arriving_during_the_drain_are_never_reset_without_privilege() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root to run ampere as another user");
+    if !root_or_skip("to run ampere as another user") {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -349,8 +348,7 @@ fn comm(pid: u32) -> String {
 /// and stops on SIGTERM as it does anywhere.
 #[test]
 fn as_pid_1_orphans_are_reaped_and_sigterm_stops() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root for a new pid namespace (unshare --pid)");
+    if !root_or_skip("for a new pid namespace (unshare --pid)") {
         return;
     }
     let mut ampere = Ampere::start_with(

@@ -307,6 +307,16 @@ impl Drop for Ampere {
 
 pub use nix::sys::signal::Signal;
 
+/// Whether this test process is root; where it is not, says that the
+/// test is skipped and why (`needs`: what it needs root for).
+pub fn root_or_skip(needs: &str) -> bool {
+    let root = nix::unistd::geteuid().is_root();
+    if !root {
+        eprintln!("skipped: needs root {needs}");
+    }
+    root
+}
+
 /// A launcher for [`Ampere::start_with`] that makes ampere PID 1 of a new
 /// pid namespace, as in a container (needs root). --kill-child: a failing
 /// test (which kills unshare) leaves nothing.
