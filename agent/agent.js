@@ -17,6 +17,11 @@
 // - Dependency-free, and does nothing at all when not started by ampere.
 
 const LISTEN_FD = Number(process.env.AMPERE_LISTEN_FD);
+// More descriptors of the same listening socket: node (libuv) accepts one
+// connection per descriptor per turn of the event loop, so a loop whose
+// turns are long would leave new connections waiting in the accept queue
+// for many turns. Each of these accepts one more per turn.
+const ACCEPT_FDS = (process.env.AMPERE_ACCEPT_FDS || '').split(',').filter((f) => /^\d+$/.test(f)).map(Number);
 const CONTROL_FD = Number(process.env.AMPERE_CONTROL_FD);
 const PORT = Number(process.env.AMPERE_PORT);
 const HEARTBEAT_MS = Number(process.env.AMPERE_HEARTBEAT_MS) || 1000;
@@ -35,6 +40,14 @@ const MAX_INFLIGHT = Number(process.env.AMPERE_MAX_INFLIGHT) || 0;
 const MAX_DELAY_MS = Number(process.env.AMPERE_MAX_DELAY_MS) || 0;
 const RETRY_AFTER = process.env.AMPERE_RETRY_AFTER || '1';
 const LAG_TICK_MS = 10;
+// Time waiting for work that counts as the loop having waited: between two
+// turns (less is the poll call itself), and over one tick.
+const IDLE_GAP_MS = 0.1;
+const IDLE_TICK_MS = 1;
+const STANDING_HOLD_MS = 1000;
+// [overload] hold_target: hold standing queues to the target.
+const HOLD_TARGET = process.env.AMPERE_HOLD_TARGET === '1';
+const kSince = Symbol('ampere.since');
 // Within an overload episode (the supervisor says so, or this worker
 // rejects): 0 keeps MAX_DELAY_MS. The episode lasts until the supervisor
 // ends it, or 1 s after this worker's last rejection.
@@ -68,6 +81,8 @@ if (Number.isInteger(LISTEN_FD) && Number.isInteger(CONTROL_FD)) {
 // that may preload this file through NODE_OPTIONS) must not adopt them.
 function claim() {
   delete process.env.AMPERE_LISTEN_FD;
+  delete process.env.AMPERE_ACCEPT_FDS;
+  delete process.env.AMPERE_HOLD_TARGET;
   delete process.env.AMPERE_CONTROL_FD;
   delete process.env.AMPERE_AGENT_LAZY;
 }
@@ -189,7 +204,9 @@ function start(others) {
       const signal = args[0] !== null && typeof args[0] === 'object' ? args[0].signal : undefined;
       // listen(handle, backlog, cb): with a handle, node takes the backlog
       // from the arguments only.
-      return origListen.call(this, signal ? { fd: LISTEN_FD, signal } : { fd: LISTEN_FD }, BACKLOG, cb);
+      origListen.call(this, signal ? { fd: LISTEN_FD, signal } : { fd: LISTEN_FD }, BACKLOG, cb);
+      this.once('listening', () => acceptMore(this));
+      return this;
     }
     if (server !== null && isServicePort(args)) {
       // The port is ampere's, and served through the adopted server: a
@@ -212,6 +229,40 @@ function start(others) {
   }
   for (const { server: srv, port } of others) reportOther(srv, port);
 
+  // Acceptors on the further descriptors (ACCEPT_FDS): each connection
+  // they take is handed to the app's server as its own, counted in its
+  // connections (so close() waits for it and maxConnections holds).
+  const acceptors = [];
+  function acceptMore(srv) {
+    for (const fd of ACCEPT_FDS) {
+      const acceptor = net.createServer({ pauseOnConnect: srv.pauseOnConnect === true }, (socket) => {
+        acceptor._connections--;
+        if (srv.maxConnections != null && srv._connections >= srv.maxConnections) {
+          socket.destroy();
+          return;
+        }
+        socket.server = srv;
+        socket._server = srv;
+        srv._connections++;
+        srv.emit('connection', socket);
+      });
+      // The app's server, on the same socket, meets the same errors
+      // (EMFILE) and reports them.
+      acceptor.on('error', () => acceptor.close());
+      acceptor.unref();
+      origListen.call(acceptor, { fd }, BACKLOG);
+      acceptors.push(acceptor);
+    }
+    const close = srv.close;
+    srv.close = function (...args) {
+      closeAcceptors();
+      return close.apply(this, args);
+    };
+  }
+  function closeAcceptors() {
+    for (const acceptor of acceptors.splice(0)) acceptor.close();
+  }
+
   function adopt(srv) {
     srv.once('listening', () => {
       // The app's own start-up (loading modules, compiling) is not lateness
@@ -221,6 +272,14 @@ function start(others) {
       const addr = srv.address();
       send({ type: 'listening', pid: process.pid, node: process.version, address: addr && addr.address, port: addr && addr.port });
     });
+    // What a new connection's first request can have waited: since before
+    // the turn that accepted it.
+    if (HOLD_TARGET && MAX_DELAY_MS !== 0) {
+      srv.prependListener('connection', (socket) => {
+        if (!turnOpen) openTurn(performance.now());
+        socket[kSince] = frontier;
+      });
+    }
     // HTTP/2 sessions, to end with a GOAWAY on drain (an http2 server has
     // no idle connections to close: its clients keep one session open).
     srv.on('session', (session) => {
@@ -256,12 +315,21 @@ function start(others) {
       // while the loop is saturated; otherwise only those let in lately
       // (the others wait on I/O, a timer or a stream, not on this loop).
       const ahead = (saturated ? inflight : Math.min(inflight, admitted + admittedBefore)) * costMs;
-      if (MAX_DELAY_MS !== 0 && (lag > MAX_DELAY_MS || now - lastTick > LATE_MS || ahead > bound)) {
+      // In a standing queue: how long this request can have waited, at most.
+      let waited = 0;
+      if (HOLD_TARGET && MAX_DELAY_MS !== 0) {
+        if (!turnOpen) openTurn(now);
+        const since = arrivedAfter(req);
+        const busyFor = now - lastIdleAt;
+        if (HOLD_TARGET && (busyFor > MAX_DELAY_MS || (now < standingUntil && busyFor > standingMs()))) waited = now - since;
+      }
+      if (MAX_DELAY_MS !== 0 && (lag > MAX_DELAY_MS || now - lastTick > LATE_MS || ahead > bound || waited > standingMs())) {
         if (warm) {
           // Beyond max_delay is overload: it starts or extends an episode.
           // Missing only the episode's target must not extend it, or the
           // tighter bound would keep the episode going by itself.
           const beyond = lag > MAX_DELAY_MS || now - lastTick > LATE_MS || ahead > MAX_DELAY_MS;
+          if (waited > standingMs()) standingUntil = now + STANDING_HOLD_MS;
           if (beyond) press(now + PRESSURE_HOLD_MS);
           reject(res, 'delay', beyond);
           return true;
@@ -269,6 +337,7 @@ function start(others) {
         // Start-up lateness: forget it once the first request is in.
         lag = 0;
         lastTick = now;
+        lastIdleAt = now;
       }
       if (!warm) warmUp();
       inflight++;
@@ -293,6 +362,52 @@ function start(others) {
   // time since it last did says how late the loop is running now.
   let lag = 0;
   let lastTick = performance.now();
+  // Standing queues (as in CoDel), with HOLD_TARGET: a loop that has not once waited for
+  // work in MAX_DELAY_MS is not getting through a burst but falling behind,
+  // and every request it lets in waits longer. Then a request is let in
+  // only if it can have waited no longer than the target (target_delay,
+  // though never below two requests' cost). How long it can have waited
+  // comes from the loop's turns: what the loop reads in a turn arrived
+  // after the previous turn began, or, if the loop waited for work in
+  // between, after that; a connection's first request, after the turn
+  // before the one that accepted it. The tick notes when the loop last
+  // waited for work.
+  let lastIdleAt = performance.now();
+  let idleSeen = 0;
+  // Each request turned away for the target makes the queue count as
+  // standing for a second whenever the loop has not waited for work for
+  // the target (rather than max_delay): its idle moments while it
+  // oscillates (steering sends its new connections elsewhere, then back)
+  // are no sign that it caught up. (Held regardless, a loop whose turns
+  // are long, such as a render's, would keep missing the target at any
+  // load.)
+  let standingUntil = 0;
+  let turnOpen = false;
+  let turnStartAt = 0;
+  let turnEndAt = 0;
+  let idleAtTurnEnd = 0;
+  let frontier = 0;
+  function openTurn(now) {
+    turnOpen = true;
+    frontier = performance.nodeTiming.idleTime - idleAtTurnEnd > IDLE_GAP_MS ? turnEndAt : turnStartAt;
+    turnStartAt = now;
+    setImmediate(endTurn);
+  }
+  function endTurn() {
+    turnOpen = false;
+    turnEndAt = performance.now();
+    idleAtTurnEnd = performance.nodeTiming.idleTime;
+  }
+  function arrivedAfter(req) {
+    const socket = req.httpVersionMajor === 2 ? undefined : req.socket;
+    const since = socket?.[kSince];
+    if (since === undefined) return frontier;
+    socket[kSince] = undefined;
+    return since;
+  }
+  function standingMs() {
+    return Math.min(MAX_DELAY_MS, Math.max(TARGET_DELAY_MS, 2 * costMs));
+  }
   // Until the first request is let in, lateness is the app's own start-up
   // (frameworks such as Next.js keep initialising after they listen): the
   // first request waited for it, but shedding it would help nobody.
@@ -315,6 +430,11 @@ function start(others) {
       const now = performance.now();
       lag = Math.max(0, now - lastTick - LAG_TICK_MS);
       lastTick = now;
+      if (HOLD_TARGET) {
+        const idle = performance.nodeTiming.idleTime;
+        if (idle - idleSeen > IDLE_TICK_MS) lastIdleAt = now;
+        idleSeen = idle;
+      }
       if (++ticks % 10 === 0) {
         const cpuNs = threadCpuNs();
         const demand = (cpuNs - tickCpuNs) / 1e6 / (now - tickAt);
@@ -531,6 +651,7 @@ function start(others) {
     // response with `Connection: close`; connections still idle after
     // IDLE_GRACE_MS are closed.
     let closed = false;
+    closeAcceptors();
     net.Server.prototype.close.call(server, () => {
       closed = true;
       send({ type: 'drained' });

@@ -164,9 +164,11 @@ struct Slot {
 /// they would wait behind it, and a heartbeat, hundreds of milliseconds
 /// later, is too late to say so.
 ///
-/// Node (libuv since 1.45) accepts one connection per turn of its event
-/// loop, so a busy worker drains its queue slowly: the last of `len`
-/// waiting connections is accepted about `len` turns later. The answer's
+/// Node (libuv since 1.45) accepts one connection per listening descriptor
+/// per turn of its event loop (a worker has one, or eight with `[overload]
+/// hold_target`), so a busy worker drains its queue slowly: the last of
+/// `len` waiting connections is accepted about `len / per_turn` turns
+/// later. The answer's
 /// round trip measures a turn; a slot whose queue would take longer than
 /// the window to drain is steered away from too. So is one whose queue
 /// holds more than its worker serves in the window (or half the backlog: a
@@ -177,6 +179,8 @@ struct QueueWatch {
     /// Connections waiting at the last sample, and how many may.
     len: u32,
     limit: u32,
+    /// How many the worker accepts per turn of its loop.
+    per_turn: u32,
     /// The ping the worker has not answered yet, sent then.
     ping_at: Option<Instant>,
     /// When the worker last answered one: within half the window, its loop
@@ -199,6 +203,7 @@ impl QueueWatch {
         QueueWatch {
             len: 0,
             limit: u32::MAX,
+            per_turn: 1,
             ping_at: None,
             pong_at: None,
             turn: Duration::ZERO,
@@ -258,14 +263,21 @@ impl QueueWatch {
         if self.turn < QUEUE_CHECK || now.duration_since(answered) > Duration::from_secs(1) {
             return None;
         }
-        let budget = (window.as_secs_f64() / self.turn.as_secs_f64()).floor() - f64::from(self.len);
+        let budget = (window.as_secs_f64() / self.turn.as_secs_f64()).floor()
+            * f64::from(self.per_turn)
+            - f64::from(self.len);
         Some((budget.max(1.0) / (arrivals * QUEUE_CHECK.as_secs_f64())).min(1.0))
     }
 
     /// Whether the waiting connections would wait longer than the window:
-    /// the worker takes one per turn of its loop.
+    /// the worker takes `per_turn` per turn of its loop.
     fn too_slow(&self, turn: Duration, window: Duration) -> bool {
-        self.len > 0 && (self.len >= self.limit || turn.saturating_mul(self.len) >= window)
+        self.len > 0 && (self.len >= self.limit || turn.saturating_mul(self.turns()) >= window)
+    }
+
+    /// The turns the worker takes to accept the waiting connections.
+    fn turns(&self) -> u32 {
+        self.len.div_ceil(self.per_turn.max(1))
     }
 
     /// Whether the waiting connections would wait `window` or longer, the
@@ -274,7 +286,7 @@ impl QueueWatch {
         let turn = self
             .ping_at
             .map_or(self.turn, |t| self.turn.max(now.duration_since(t)));
-        self.len > 0 && turn.saturating_mul(self.len) >= window
+        self.len > 0 && turn.saturating_mul(self.turns()) >= window
     }
 
     fn set(&mut self, stalled: bool) -> bool {
@@ -1311,6 +1323,7 @@ impl Supervisor {
         let now = Instant::now();
         let window = self.queue_window(now);
         let backlog = self.settings.config.server.backlog;
+        let per_turn = self.command.accepts_per_turn();
         let mut changed = false;
         // What reaches the overflow listener, over its share (the program
         // splits at random), says how fast new connections arrive: measured
@@ -1357,6 +1370,7 @@ impl Supervisor {
                 Some(_) if slot.active => self.listeners.queued(slot.index).unwrap_or(0),
                 _ => 0,
             };
+            slot.queue.per_turn = per_turn;
             let (flipped, ping) = slot.queue.sample(len, now, window, limit);
             if ping && let Some(w) = ready {
                 w.send(SupervisorMessage::Ping);
@@ -2041,6 +2055,17 @@ mod tests {
     use super::*;
 
     const WINDOW: Duration = Duration::from_millis(100);
+    /// Connections a worker accepts per turn of its loop (`hold_target`).
+    const A: u32 = 8;
+
+    impl QueueWatch {
+        fn accepting(per_turn: u32) -> Self {
+            QueueWatch {
+                per_turn,
+                ..QueueWatch::new()
+            }
+        }
+    }
 
     fn lines(text: &str) -> Vec<String> {
         text.lines().map(str::to_owned).collect()
@@ -2085,7 +2110,7 @@ mod tests {
     #[test]
     fn a_worker_that_does_not_answer_within_the_window_stalls() {
         let t0 = Instant::now();
-        let mut q = QueueWatch::new();
+        let mut q = QueueWatch::accepting(A);
         // A connection waits: ping once, and not again while it is
         // unanswered.
         assert_eq!(q.sample(1, t0, WINDOW, 100), (false, true));
@@ -2099,11 +2124,12 @@ mod tests {
         );
         assert!(q.stalled);
         assert_eq!(q.stalls, 1);
-        // Five waiting behind a turn that has lasted 90 ms would wait too.
-        let mut q2 = QueueWatch::new();
-        q2.sample(5, t0, WINDOW, 100);
+        // Five turns' worth waiting behind a turn that has lasted 20 ms
+        // would wait too.
+        let mut q2 = QueueWatch::accepting(A);
+        q2.sample(5 * A, t0, WINDOW, 100);
         assert_eq!(
-            q2.sample(5, t0 + Duration::from_millis(20), WINDOW, 100),
+            q2.sample(5 * A, t0 + Duration::from_millis(20), WINDOW, 100),
             (true, false)
         );
         // It answers, but at 110 ms a turn its queue still waits too long;
@@ -2120,7 +2146,7 @@ mod tests {
     #[test]
     fn within_an_episode_the_window_is_the_target_but_at_least_two_turns() {
         let t0 = Instant::now();
-        let mut q = QueueWatch::new();
+        let mut q = QueueWatch::accepting(A);
         let target = Window {
             wait: Duration::from_millis(20),
             targeted: true,
@@ -2136,23 +2162,28 @@ mod tests {
         assert_eq!(target.of(&q), Duration::from_millis(80));
         assert_eq!(plain.of(&q), WINDOW);
         let window = target.of(&q);
-        assert!(!q.sample(1, t0 + Duration::from_millis(50), window, 100).0);
-        assert!(q.sample(2, t0 + Duration::from_millis(60), window, 100).0);
+        assert!(!q.sample(A, t0 + Duration::from_millis(50), window, 100).0);
+        assert!(
+            q.sample(A + 1, t0 + Duration::from_millis(60), window, 100)
+                .0
+        );
     }
 
     #[test]
     fn an_episode_goes_on_only_while_queues_wait_longer_than_max_delay() {
         let t0 = Instant::now();
-        let mut q = QueueWatch::new();
-        q.sample(2, t0, WINDOW, 100);
+        let mut q = QueueWatch::accepting(A);
+        q.sample(A + 1, t0, WINDOW, 100);
         q.pong(t0 + Duration::from_millis(40), WINDOW);
-        // Two behind 40 ms turns miss a 20 ms target, not 100 ms.
+        // Two turns' worth behind 40 ms turns miss a 20 ms target, not
+        // 100 ms.
         let now = t0 + Duration::from_millis(45);
         assert!(q.waits_longer(now, Duration::from_millis(20)));
         assert!(!q.waits_longer(now, WINDOW));
-        // A turn in progress counts: two behind one of 60 ms so far would.
+        // A turn in progress counts: two turns' worth behind one of 60 ms
+        // so far would.
         let ping = t0 + Duration::from_millis(100);
-        assert_eq!(q.sample(2, ping, WINDOW, 100), (false, true));
+        assert_eq!(q.sample(A + 1, ping, WINDOW, 100), (false, true));
         assert!(q.waits_longer(ping + Duration::from_millis(60), WINDOW));
         // None waiting: nothing waits at all.
         q.sample(0, ping + Duration::from_millis(70), WINDOW, 100);
@@ -2161,19 +2192,19 @@ mod tests {
 
     #[test]
     fn a_queue_may_hold_what_the_worker_accepts_in_the_window() {
-        // Turns of 40 ms: two waiting connections are taken within 100 ms,
-        // three are not.
+        // Turns of 40 ms: two turns' worth of waiting connections are taken
+        // within 100 ms, one more is not.
         let t0 = Instant::now();
-        let mut q = QueueWatch::new();
-        assert_eq!(q.sample(2, t0, WINDOW, 100), (false, true));
+        let mut q = QueueWatch::accepting(A);
+        assert_eq!(q.sample(2 * A, t0, WINDOW, 100), (false, true));
         assert!(!q.pong(t0 + Duration::from_millis(40), WINDOW));
         assert_eq!(q.turn, Duration::from_millis(40));
         let later = t0 + Duration::from_millis(50);
-        assert_eq!(q.sample(2, later, WINDOW, 100), (false, false));
-        assert_eq!(q.sample(3, later, WINDOW, 100), (true, false));
+        assert_eq!(q.sample(2 * A, later, WINDOW, 100), (false, false));
+        assert_eq!(q.sample(2 * A + 1, later, WINDOW, 100), (true, false));
         // Shorter turns later: the estimate follows (halfway per answer).
         assert_eq!(
-            q.sample(3, t0 + Duration::from_millis(100), WINDOW, 100),
+            q.sample(2 * A + 1, t0 + Duration::from_millis(100), WINDOW, 100),
             (false, true)
         );
         assert!(q.pong(t0 + Duration::from_millis(110), WINDOW));
@@ -2184,28 +2215,28 @@ mod tests {
     #[test]
     fn a_busy_worker_is_capped_at_what_it_accepts_per_check() {
         let t0 = Instant::now();
-        let mut q = QueueWatch::new();
+        let mut q = QueueWatch::accepting(A);
         // Not measured yet, or no arrival rate: no cap.
         assert_eq!(q.cap(t0, WINDOW, Some(1000.0)), None);
         q.sample(1, t0, WINDOW, 100);
         q.pong(t0 + Duration::from_millis(25), WINDOW);
         let now = t0 + Duration::from_millis(30);
         assert_eq!(q.cap(now, WINDOW, None), None);
-        // Turns of 25 ms: 4 accepts in the window, 1 waiting, so 3 more;
-        // 1,000 arrivals a second bring 10 per 10 ms check.
+        // Turns of 25 ms: 4 turns' accepts in the window, 1 waiting, so
+        // 4A - 1 more; 10,000 arrivals a second bring 100 per 10 ms check.
         q.sample(1, now, WINDOW, 100);
-        let cap = q.cap(now, WINDOW, Some(1000.0)).unwrap();
-        assert!((cap - 0.3).abs() < 1e-9, "{cap}");
+        let cap = q.cap(now, WINDOW, Some(10_000.0)).unwrap();
+        assert!((cap - f64::from(4 * A - 1) / 100.0).abs() < 1e-9, "{cap}");
         // A full queue still gets one connection's worth per check.
-        q.sample(6, now, WINDOW, 100);
-        let cap = q.cap(now, WINDOW, Some(1000.0)).unwrap();
-        assert!((cap - 0.1).abs() < 1e-9, "{cap}");
+        q.sample(5 * A, now, WINDOW, 100);
+        let cap = q.cap(now, WINDOW, Some(10_000.0)).unwrap();
+        assert!((cap - 0.01).abs() < 1e-9, "{cap}");
         // A fast loop, or an old measurement: no cap.
         assert_eq!(
             q.cap(now + Duration::from_secs(2), WINDOW, Some(1000.0)),
             None
         );
-        let mut fast = QueueWatch::new();
+        let mut fast = QueueWatch::accepting(A);
         fast.sample(1, t0, WINDOW, 100);
         fast.pong(t0 + Duration::from_millis(2), WINDOW);
         assert_eq!(
@@ -2225,7 +2256,7 @@ mod tests {
     #[test]
     fn a_busy_queue_with_a_live_worker_does_not_stall() {
         let t0 = Instant::now();
-        let mut q = QueueWatch::new();
+        let mut q = QueueWatch::accepting(A);
         let mut pings = 0;
         for k in 0..50u32 {
             let now = t0 + Duration::from_millis(10 * u64::from(k));
@@ -2246,7 +2277,7 @@ mod tests {
     #[test]
     fn an_empty_queue_never_stalls_and_a_long_one_does_at_once() {
         let t0 = Instant::now();
-        let mut q = QueueWatch::new();
+        let mut q = QueueWatch::accepting(A);
         assert_eq!(
             q.sample(0, t0 + Duration::from_secs(5), WINDOW, 100),
             (false, false)

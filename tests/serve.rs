@@ -202,3 +202,35 @@ fn npm_start_command_serves_the_app_it_starts() {
 fn wrapper_with_its_own_fd_3_serves_the_app_it_starts() {
     serves_behind_wrapper(&["node", "ipc-wrapper.js"]);
 }
+
+/// node accepts one connection per descriptor per turn of its event loop:
+/// with `[overload] hold_target`, each worker gets further copies of its
+/// slot's socket (fds 66..72 beside 64), so that it takes up to eight per
+/// turn (the agent's tests show what they do); without, none.
+#[test]
+fn with_hold_target_each_worker_accepts_through_several_copies_of_its_socket() {
+    for hold in [true, false] {
+        let config = hello_config(&format!("[overload]\nhold_target = {hold}\n"));
+        let mut ampere = Ampere::start(
+            &fixture("hello"),
+            &["--workers", "1", "--config", &config.path],
+        );
+        let workers = ampere.wait_ready(1, READY);
+        let socket_of = |fd: i32| std::fs::read_link(format!("/proc/{}/fd/{fd}", workers[0])).ok();
+        let listen = socket_of(64).expect("the worker's listening socket at fd 64");
+        assert!(
+            listen.to_string_lossy().starts_with("socket:"),
+            "{listen:?}"
+        );
+        for fd in 66..=72 {
+            let copy = socket_of(fd);
+            if hold {
+                assert_eq!(copy.as_ref(), Some(&listen), "fd {fd}");
+            } else {
+                assert_ne!(copy.as_ref(), Some(&listen), "fd {fd}");
+            }
+        }
+        let answer = get(ampere.addr(), "/", Duration::from_secs(10)).expect("request");
+        assert_eq!(answer.status, 200);
+    }
+}

@@ -52,15 +52,17 @@ test('a worker started with a heap flag reports that limit', { timeout: 20000 },
 // Starts `script` (JS source) in a child that preloads the agent, with a
 // listening socket on a free port as fd 3 and a control channel as fd 4,
 // and `extraEnv` on top of the agent's settings; `stdout: 'pipe'` to read
-// what it prints.
-async function startWorker(script, extraEnv = {}, { stdout = 'inherit', nodeArgs = [] } = {}) {
+// what it prints; `acceptFds`: further copies of the socket, from fd 5 on.
+async function startWorker(script, extraEnv = {}, { stdout = 'inherit', nodeArgs = [], acceptFds = 0 } = {}) {
   const listener = net.createServer();
   listener.listen(0, '127.0.0.1');
   await once(listener, 'listening');
   const port = listener.address().port;
+  const copies = Array.from({ length: acceptFds }, () => listener._handle.fd);
+  const accept = copies.map((_, i) => String(5 + i)).join(',');
   const child = spawn(process.execPath, [...nodeArgs, '--require', AGENT, '-e', script], {
-    stdio: ['ignore', stdout, 'inherit', listener._handle.fd, 'pipe'],
-    env: { ...process.env, AMPERE_LISTEN_FD: '3', AMPERE_CONTROL_FD: '4', AMPERE_PORT: String(port), PORT: String(port), AMPERE_HEARTBEAT_MS: '50', ...extraEnv },
+    stdio: ['ignore', stdout, 'inherit', listener._handle.fd, 'pipe', ...copies],
+    env: { ...process.env, AMPERE_LISTEN_FD: '3', AMPERE_CONTROL_FD: '4', AMPERE_ACCEPT_FDS: accept, AMPERE_PORT: String(port), PORT: String(port), AMPERE_HEARTBEAT_MS: '50', ...extraEnv },
   });
   // The child holds the socket now; the test process must not accept on it.
   listener.close();
@@ -237,6 +239,102 @@ test('requests that would wait longer than max_delay behind those in flight are 
     assert.strictEqual(ok + statuses.filter((s) => s === 503).length, 12, `${statuses}`);
     // Beyond max_delay: overload, which starts an episode.
     assert.strictEqual((await w.next('overloaded')).beyond_max, true);
+  } finally {
+    w.child.kill('SIGKILL');
+  }
+});
+
+test('the further descriptors accept more than one new connection per turn of the loop', { timeout: 20000 }, async () => {
+  // Twelve connections wait in the accept queue before the app listens
+  // (on SIGUSR2); the app counts the connections it gets in each turn of
+  // its loop.
+  const w = await startWorker(`
+    const http = require('node:http');
+    const perTurn = [];
+    let open = false;
+    const server = http.createServer((req, res) => res.end('ok'));
+    server.on('connection', () => {
+      if (!open) { open = true; perTurn.push(0); setImmediate(() => { open = false; }); }
+      perTurn[perTurn.length - 1]++;
+      if (perTurn.reduce((a, b) => a + b) === 12) console.log(JSON.stringify(perTurn));
+    });
+    // (A signal handler does not keep node running; the timer does.)
+    const waiting = setInterval(() => {}, 1000);
+    process.once('SIGUSR2', () => { clearInterval(waiting); server.listen(process.env.PORT); });
+    console.log('ready');
+  `, {}, { stdout: 'pipe', acceptFds: 3 });
+  const sockets = [];
+  try {
+    w.child.stdout.setEncoding('utf8');
+    const lines = [];
+    const line = async () => {
+      while (lines.length === 0) {
+        const [chunk] = await once(w.child.stdout, 'data');
+        lines.push(...chunk.split('\n').filter(Boolean));
+      }
+      return lines.shift();
+    };
+    assert.strictEqual(await line(), 'ready');
+    for (let i = 0; i < 12; i++) {
+      const s = net.connect(w.port, '127.0.0.1');
+      await once(s, 'connect');
+      sockets.push(s);
+    }
+    w.child.kill('SIGUSR2');
+    const perTurn = JSON.parse(await line());
+    // One per turn from the app's own descriptor, one from each copy.
+    assert.ok(Math.max(...perTurn) >= 3, `connections per turn: ${perTurn}`);
+    // They are the app's connections, served by its server.
+    sockets[0].write('GET / HTTP/1.1\r\nHost: x\r\n\r\n');
+    const [reply] = await once(sockets[0], 'data');
+    assert.match(String(reply), /^HTTP\/1.1 200/);
+  } finally {
+    for (const s of sockets) s.destroy();
+    w.child.kill('SIGKILL');
+  }
+});
+
+for (const hold of [true, false]) test(`${hold ? 'with' : 'without'} hold_target, a standing queue ${hold ? 'lets in only requests that waited no longer than target_delay' : 'is bounded by max_delay only'}`, { timeout: 30000 }, async () => {
+  // Every request burns 10 ms of the loop. With max_delay at 1 s, turns of
+  // a few hundred ms are no overload by themselves; but once the loop has
+  // had no idle moment for max_delay, requests that waited longer than the
+  // target are turned away.
+  const w = await startWorker(`
+    const http = require('node:http');
+    http.createServer((req, res) => {
+      const t = Date.now(); while (Date.now() - t < 10); res.end('ok');
+    }).listen(process.env.PORT);
+  `, { AMPERE_MAX_DELAY_MS: '1000', AMPERE_TARGET_DELAY_MS: '20', AMPERE_HOLD_TARGET: hold ? '1' : '' });
+  try {
+    await w.next('listening');
+    assert.strictEqual((await get(w.port)).status, 200);
+    // 30 keep-alive clients, each sending its next request as soon as it
+    // has an answer, until the worker turns some away (or 600 answers).
+    const counts = { 200: 0, 503: 0 };
+    const client = async () => {
+      const agent = new http.Agent({ keepAlive: true, maxSockets: 1 });
+      try {
+        while (counts[503] === 0 && counts[200] + counts[503] < 600) {
+          await new Promise((resolve, reject) => {
+            http.get({ host: '127.0.0.1', port: w.port, path: '/', agent }, (res) => {
+              counts[res.statusCode] = (counts[res.statusCode] || 0) + 1;
+              res.resume();
+              res.on('end', resolve);
+            }).on('error', reject);
+          });
+        }
+      } finally {
+        agent.destroy();
+      }
+    };
+    await Promise.all(Array.from({ length: 30 }, client));
+    if (hold) {
+      assert.ok(counts[503] > 0, `no request turned away: ${JSON.stringify(counts)}`);
+      const report = await w.next('overloaded');
+      assert.strictEqual(report.reason, 'delay');
+    } else {
+      assert.strictEqual(counts[503], 0, JSON.stringify(counts));
+    }
   } finally {
     w.child.kill('SIGKILL');
   }

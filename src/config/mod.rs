@@ -322,6 +322,15 @@ pub struct OverloadConfig {
     /// two turns of its loop). Beyond it a standing queue adds latency
     /// without adding throughput. 0s: `max_delay` throughout.
     pub target_delay: Duration,
+    /// Latency first: hold every request's wait to `target_delay` once a
+    /// worker's queue stands (its event loop has not waited for work once
+    /// in `max_delay`), also in apps whose handlers run one after another
+    /// (CPU-bound ones), where the requests in flight never show the
+    /// queue; and let each worker accept up to eight new connections per
+    /// turn of its event loop instead of one. Under sustained overload the
+    /// 200s' tail falls about fivefold, and about a sixth less is served
+    /// (bench/README, "Latency first").
+    pub hold_target: bool,
     /// The `Retry-After` of the 503s.
     pub retry_after: Duration,
 }
@@ -337,6 +346,7 @@ impl Default for OverloadConfig {
             // A fifth of max_delay (see bench/overload for what it does at
             // twice an app's capacity).
             target_delay: Duration::from_millis(20),
+            hold_target: false,
             retry_after: Duration::from_secs(1),
         }
     }

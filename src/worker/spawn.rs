@@ -19,6 +19,12 @@ use crate::config::{Launch, Settings};
 /// which would hide ours from the app.
 const WORKER_LISTEN_FD: i32 = 64;
 const WORKER_CONTROL_FD: i32 = 65;
+/// With `[overload] hold_target`, further copies of the listening socket,
+/// at 66 and up. node (libuv) accepts one connection per descriptor per
+/// turn of its event loop, so a worker whose turns are long (a busy
+/// CPU-bound app) leaves new connections in the accept queue for many
+/// turns; with these it takes up to `1 + WORKER_ACCEPT_FDS` per turn.
+const WORKER_ACCEPT_FDS: i32 = 7;
 
 /// Whether a node option (or a NODE_OPTIONS value) sets the V8 heap
 /// limit; V8 takes `-` and `_` alike in flag names.
@@ -38,6 +44,8 @@ pub struct Command {
     /// The container's memory limit and each worker's V8 old-space limit
     /// (MiB) from it, where ampere sets that (see [`super::memory`]).
     heap_share: Option<(u64, u64)>,
+    /// How many further copies of the listening socket a worker gets.
+    accept_fds: i32,
 }
 
 pub struct Spawned {
@@ -171,7 +179,15 @@ impl Command {
             ));
             let retry = o.retry_after.get().as_secs().max(1);
             env.push(("AMPERE_RETRY_AFTER".into(), retry.to_string().into()));
+            if o.hold_target {
+                env.push(("AMPERE_HOLD_TARGET".into(), "1".into()));
+            }
         }
+        let accept_fds = if cfg.overload.enabled && cfg.overload.hold_target {
+            WORKER_ACCEPT_FDS
+        } else {
+            0
+        };
         if !cfg.metrics.requests {
             env.push(("AMPERE_REQUEST_METRICS".into(), "0".into()));
         }
@@ -196,6 +212,7 @@ impl Command {
             cwd: settings.app_dir.clone(),
             agent: agent.to_owned(),
             heap_share,
+            accept_fds,
         }
     }
 
@@ -207,11 +224,18 @@ impl Command {
         self.heap_share
     }
 
+    /// How many connections a worker accepts per turn of its event loop,
+    /// at most: one per listening descriptor.
+    pub fn accepts_per_turn(&self) -> u32 {
+        1 + self.accept_fds.unsigned_abs()
+    }
+
     /// Starts the process of `slot`, accepting from `listener`.
     pub fn spawn(&self, slot: usize, listener: BorrowedFd<'_>) -> std::io::Result<Spawned> {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
         let listen_fd = listener.as_raw_fd();
         let control_fd = theirs.as_raw_fd();
+        let accept_fds = self.accept_fds;
         let parent = std::process::id();
 
         let mut cmd = tokio::process::Command::new(&self.program);
@@ -220,6 +244,7 @@ impl Command {
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("AMPERE_LISTEN_FD", WORKER_LISTEN_FD.to_string())
             .env("AMPERE_CONTROL_FD", WORKER_CONTROL_FD.to_string())
+            .env("AMPERE_ACCEPT_FDS", accept_fds_env(accept_fds))
             // Which worker this is, 0..N, stable across restarts: for apps
             // that run a job in one worker only. NODE_APP_INSTANCE is PM2's
             // name for it.
@@ -251,10 +276,10 @@ impl Command {
                 }
                 // Both descriptors are close-on-exec in the supervisor (so no
                 // other child gets them). Copy them to the worker's numbers,
-                // by way of copies above both (so that neither original sits
-                // where the other goes); dup2 leaves the new ones inheritable,
-                // and everything else closes at exec.
-                let above = WORKER_CONTROL_FD + 1;
+                // by way of copies above all of those (so that no original
+                // sits where another goes); dup2 leaves the new ones
+                // inheritable, and everything else closes at exec.
+                let above = WORKER_CONTROL_FD + accept_fds + 1;
                 let listen_high = libc::fcntl(listen_fd, libc::F_DUPFD_CLOEXEC, above);
                 let control_high = libc::fcntl(control_fd, libc::F_DUPFD_CLOEXEC, above);
                 if listen_high < 0
@@ -263,6 +288,11 @@ impl Command {
                     || libc::dup2(control_high, WORKER_CONTROL_FD) < 0
                 {
                     return Err(std::io::Error::last_os_error());
+                }
+                for fd in WORKER_CONTROL_FD + 1..=WORKER_CONTROL_FD + accept_fds {
+                    if libc::dup2(listen_high, fd) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });
@@ -283,6 +313,14 @@ impl Command {
     pub fn agent(&self) -> &Path {
         &self.agent
     }
+}
+
+/// `AMPERE_ACCEPT_FDS`: the numbers of the further listening descriptors.
+fn accept_fds_env(count: i32) -> String {
+    (WORKER_CONTROL_FD + 1..=WORKER_CONTROL_FD + count)
+        .map(|fd| fd.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Sends `signal` to the process group led by `pid` (a worker's group).
