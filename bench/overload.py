@@ -18,7 +18,9 @@ bench/apps/next: a Next.js App Router page rendered on every request), with
 Setups: ampere (defaults: admission control with max_delay 100 ms,
 load-aware steering, rebalancing, overflow listener), ampere-strict (the
 same with max_delay 20 ms), ampere-off (all of those off), pm2 (cluster
-mode), watt (wattpm). Unless --no-pin, every
+mode), watt (wattpm), ampere-hold (latency first: `[overload] hold_target`),
+ampere-base (--baseline: another ampere build with ampere's settings, for
+A/B runs). Unless --no-pin, every
 setup runs on the last --server-cpus CPUs (default 1) and oha on the others.
 
 Reported per setup and rate (medians over rounds, with min..max): goodput
@@ -60,6 +62,9 @@ PIN = []
 LOAD_PIN = []
 # Extra config for the "ampere" setup (--ampere-config).
 AMPERE_EXTRA = [""]
+# --baseline: another ampere build, run as the setup `ampere-base` with the
+# same settings as `ampere` (an A/B comparison in one interleaved run).
+BASELINE = [None]
 # Workers (processes, PM2 instances, Watt threads) per setup (--workers).
 WORKERS = [2]
 OFF = ("[overload]\nenabled = false\n"
@@ -144,6 +149,8 @@ def start_watt(work, node, port, app_name, host=HOST):
 
 # ampere with a tighter bound on event-loop lateness than the default.
 STRICT = '[overload]\nmax_delay = "20ms"\n'
+# ampere, latency first: standing queues held to target_delay.
+HOLD = '[overload]\nhold_target = true\n'
 
 
 def start(setup, work, node, port, ampere, app_name, host=HOST):
@@ -160,6 +167,19 @@ def start(setup, work, node, port, ampere, app_name, host=HOST):
         return running
     if setup == "ampere-off":
         return start_ampere(work, node, port, ampere, app_name, off=True, host=host)
+    if setup == "ampere-hold":
+        saved = AMPERE_EXTRA[0]
+        AMPERE_EXTRA[0] = HOLD + saved
+        try:
+            running = start_ampere(work, node, port, ampere, app_name, off=False, host=host)
+        finally:
+            AMPERE_EXTRA[0] = saved
+        running.name = "ampere-hold"
+        return running
+    if setup == "ampere-base":
+        running = start_ampere(work, node, port, BASELINE[0], app_name, off=False, host=host)
+        running.name = "ampere-base"
+        return running
     if setup == "pm2":
         return start_pm2(work, node, port, app_name, host)
     if setup == "watt":
@@ -224,6 +244,8 @@ def main():
     ap.add_argument("--duration", type=int, default=12, help="seconds per measured run")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--ampere", type=Path, default=None)
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="another ampere binary, run as the setup ampere-base (A/B against --ampere)")
     ap.add_argument("--ampere-config", default="", help="extra TOML for the ampere setup")
     ap.add_argument("--no-pin", action="store_true",
                     help="let servers and load generator share every CPU (default: servers on the last CPU, "
@@ -242,6 +264,9 @@ def main():
     node = ensure_node()
     oha_bin = ensure_oha()
     AMPERE_EXTRA[0] = args.ampere_config.replace("\\n", "\n")
+    BASELINE[0] = args.baseline
+    if args.baseline is not None and "ampere-base" not in args.setups.split(","):
+        args.setups += ",ampere-base"
     if not args.no_pin:
         n, k = os.cpu_count(), args.server_cpus
         if not 1 <= k < n:
