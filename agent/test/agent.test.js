@@ -244,102 +244,6 @@ test('requests that would wait longer than max_delay behind those in flight are 
   }
 });
 
-test('the further descriptors accept more than one new connection per turn of the loop', { timeout: 20000 }, async () => {
-  // Twelve connections wait in the accept queue before the app listens
-  // (on SIGUSR2); the app counts the connections it gets in each turn of
-  // its loop.
-  const w = await startWorker(`
-    const http = require('node:http');
-    const perTurn = [];
-    let open = false;
-    const server = http.createServer((req, res) => res.end('ok'));
-    server.on('connection', () => {
-      if (!open) { open = true; perTurn.push(0); setImmediate(() => { open = false; }); }
-      perTurn[perTurn.length - 1]++;
-      if (perTurn.reduce((a, b) => a + b) === 12) console.log(JSON.stringify(perTurn));
-    });
-    // (A signal handler does not keep node running; the timer does.)
-    const waiting = setInterval(() => {}, 1000);
-    process.once('SIGUSR2', () => { clearInterval(waiting); server.listen(process.env.PORT); });
-    console.log('ready');
-  `, {}, { stdout: 'pipe', acceptFds: 3 });
-  const sockets = [];
-  try {
-    w.child.stdout.setEncoding('utf8');
-    const lines = [];
-    const line = async () => {
-      while (lines.length === 0) {
-        const [chunk] = await once(w.child.stdout, 'data');
-        lines.push(...chunk.split('\n').filter(Boolean));
-      }
-      return lines.shift();
-    };
-    assert.strictEqual(await line(), 'ready');
-    for (let i = 0; i < 12; i++) {
-      const s = net.connect(w.port, '127.0.0.1');
-      await once(s, 'connect');
-      sockets.push(s);
-    }
-    w.child.kill('SIGUSR2');
-    const perTurn = JSON.parse(await line());
-    // One per turn from the app's own descriptor, one from each copy.
-    assert.ok(Math.max(...perTurn) >= 3, `connections per turn: ${perTurn}`);
-    // They are the app's connections, served by its server.
-    sockets[0].write('GET / HTTP/1.1\r\nHost: x\r\n\r\n');
-    const [reply] = await once(sockets[0], 'data');
-    assert.match(String(reply), /^HTTP\/1.1 200/);
-  } finally {
-    for (const s of sockets) s.destroy();
-    w.child.kill('SIGKILL');
-  }
-});
-
-for (const hold of [true, false]) test(`${hold ? 'with' : 'without'} hold_target, a standing queue ${hold ? 'lets in only requests that waited no longer than target_delay' : 'is bounded by max_delay only'}`, { timeout: 30000 }, async () => {
-  // Every request burns 10 ms of the loop. With max_delay at 1 s, turns of
-  // a few hundred ms are no overload by themselves; but once the loop has
-  // had no idle moment for max_delay, requests that waited longer than the
-  // target are turned away.
-  const w = await startWorker(`
-    const http = require('node:http');
-    http.createServer((req, res) => {
-      const t = Date.now(); while (Date.now() - t < 10); res.end('ok');
-    }).listen(process.env.PORT);
-  `, { AMPERE_MAX_DELAY_MS: '1000', AMPERE_TARGET_DELAY_MS: '20', AMPERE_HOLD_TARGET: hold ? '1' : '' });
-  try {
-    await w.next('listening');
-    assert.strictEqual((await get(w.port)).status, 200);
-    // 30 keep-alive clients, each sending its next request as soon as it
-    // has an answer, until the worker turns some away (or 600 answers).
-    const counts = { 200: 0, 503: 0 };
-    const client = async () => {
-      const agent = new http.Agent({ keepAlive: true, maxSockets: 1 });
-      try {
-        while (counts[503] === 0 && counts[200] + counts[503] < 600) {
-          await new Promise((resolve, reject) => {
-            http.get({ host: '127.0.0.1', port: w.port, path: '/', agent }, (res) => {
-              counts[res.statusCode] = (counts[res.statusCode] || 0) + 1;
-              res.resume();
-              res.on('end', resolve);
-            }).on('error', reject);
-          });
-        }
-      } finally {
-        agent.destroy();
-      }
-    };
-    await Promise.all(Array.from({ length: 30 }, client));
-    if (hold) {
-      assert.ok(counts[503] > 0, `no request turned away: ${JSON.stringify(counts)}`);
-      const report = await w.next('overloaded');
-      assert.strictEqual(report.reason, 'delay');
-    } else {
-      assert.strictEqual(counts[503], 0, JSON.stringify(counts));
-    }
-  } finally {
-    w.child.kill('SIGKILL');
-  }
-});
-
 test('within an overload episode the wait behind requests in flight is held to target_delay', async () => {
   // The bound holds while the loop is saturated: here, always.
   const w = await startWorker(`
@@ -672,6 +576,102 @@ test('shedding and draining close the connection even when the app says keep-ali
     assert.strictEqual(await fetch('/head'), 'close');
   } finally {
     agent.destroy();
+    w.child.kill('SIGKILL');
+  }
+});
+
+test('the further descriptors accept more than one new connection per turn of the loop', { timeout: 20000 }, async () => {
+  // Twelve connections wait in the accept queue before the app listens
+  // (on SIGUSR2); the app counts the connections it gets in each turn of
+  // its loop.
+  const w = await startWorker(`
+    const http = require('node:http');
+    const perTurn = [];
+    let open = false;
+    const server = http.createServer((req, res) => res.end('ok'));
+    server.on('connection', () => {
+      if (!open) { open = true; perTurn.push(0); setImmediate(() => { open = false; }); }
+      perTurn[perTurn.length - 1]++;
+      if (perTurn.reduce((a, b) => a + b) === 12) console.log(JSON.stringify(perTurn));
+    });
+    // (A signal handler does not keep node running; the timer does.)
+    const waiting = setInterval(() => {}, 1000);
+    process.once('SIGUSR2', () => { clearInterval(waiting); server.listen(process.env.PORT); });
+    console.log('ready');
+  `, {}, { stdout: 'pipe', acceptFds: 3 });
+  const sockets = [];
+  try {
+    w.child.stdout.setEncoding('utf8');
+    const lines = [];
+    const line = async () => {
+      while (lines.length === 0) {
+        const [chunk] = await once(w.child.stdout, 'data');
+        lines.push(...chunk.split('\n').filter(Boolean));
+      }
+      return lines.shift();
+    };
+    assert.strictEqual(await line(), 'ready');
+    for (let i = 0; i < 12; i++) {
+      const s = net.connect(w.port, '127.0.0.1');
+      await once(s, 'connect');
+      sockets.push(s);
+    }
+    w.child.kill('SIGUSR2');
+    const perTurn = JSON.parse(await line());
+    // One per turn from the app's own descriptor, one from each copy.
+    assert.ok(Math.max(...perTurn) >= 3, `connections per turn: ${perTurn}`);
+    // They are the app's connections, served by its server.
+    sockets[0].write('GET / HTTP/1.1\r\nHost: x\r\n\r\n');
+    const [reply] = await once(sockets[0], 'data');
+    assert.match(String(reply), /^HTTP\/1.1 200/);
+  } finally {
+    for (const s of sockets) s.destroy();
+    w.child.kill('SIGKILL');
+  }
+});
+
+for (const hold of [true, false]) test(`${hold ? 'with' : 'without'} hold_target, a standing queue ${hold ? 'lets in only requests that waited no longer than target_delay' : 'is bounded by max_delay only'}`, { timeout: 30000 }, async () => {
+  // Every request burns 10 ms of the loop. With max_delay at 1 s, turns of
+  // a few hundred ms are no overload by themselves; but once the loop has
+  // had no idle moment for max_delay, requests that waited longer than the
+  // target are turned away.
+  const w = await startWorker(`
+    const http = require('node:http');
+    http.createServer((req, res) => {
+      const t = Date.now(); while (Date.now() - t < 10); res.end('ok');
+    }).listen(process.env.PORT);
+  `, { AMPERE_MAX_DELAY_MS: '1000', AMPERE_TARGET_DELAY_MS: '20', AMPERE_HOLD_TARGET: hold ? '1' : '' });
+  try {
+    await w.next('listening');
+    assert.strictEqual((await get(w.port)).status, 200);
+    // 30 keep-alive clients, each sending its next request as soon as it
+    // has an answer, until the worker turns some away (or 600 answers).
+    const counts = { 200: 0, 503: 0 };
+    const client = async () => {
+      const agent = new http.Agent({ keepAlive: true, maxSockets: 1 });
+      try {
+        while (counts[503] === 0 && counts[200] + counts[503] < 600) {
+          await new Promise((resolve, reject) => {
+            http.get({ host: '127.0.0.1', port: w.port, path: '/', agent }, (res) => {
+              counts[res.statusCode] = (counts[res.statusCode] || 0) + 1;
+              res.resume();
+              res.on('end', resolve);
+            }).on('error', reject);
+          });
+        }
+      } finally {
+        agent.destroy();
+      }
+    };
+    await Promise.all(Array.from({ length: 30 }, client));
+    if (hold) {
+      assert.ok(counts[503] > 0, `no request turned away: ${JSON.stringify(counts)}`);
+      const report = await w.next('overloaded');
+      assert.strictEqual(report.reason, 'delay');
+    } else {
+      assert.strictEqual(counts[503], 0, JSON.stringify(counts));
+    }
+  } finally {
     w.child.kill('SIGKILL');
   }
 });
