@@ -205,7 +205,7 @@ function start(others) {
       // listen(handle, backlog, cb): with a handle, node takes the backlog
       // from the arguments only.
       origListen.call(this, signal ? { fd: LISTEN_FD, signal } : { fd: LISTEN_FD }, BACKLOG, cb);
-      this.once('listening', () => acceptMore(this));
+      if (ACCEPT_FDS.length > 0) this.once('listening', () => acceptMore(this));
       return this;
     }
     if (server !== null && isServicePort(args)) {
@@ -323,13 +323,14 @@ function start(others) {
         const busyFor = now - lastIdleAt;
         if (HOLD_TARGET && (busyFor > MAX_DELAY_MS || (now < standingUntil && busyFor > standingMs()))) waited = now - since;
       }
-      if (MAX_DELAY_MS !== 0 && (lag > MAX_DELAY_MS || now - lastTick > LATE_MS || ahead > bound || waited > standingMs())) {
+      const late = waited !== 0 && waited > standingMs();
+      if (MAX_DELAY_MS !== 0 && (lag > MAX_DELAY_MS || now - lastTick > LATE_MS || ahead > bound || late)) {
         if (warm) {
           // Beyond max_delay is overload: it starts or extends an episode.
           // Missing only the episode's target must not extend it, or the
           // tighter bound would keep the episode going by itself.
           const beyond = lag > MAX_DELAY_MS || now - lastTick > LATE_MS || ahead > MAX_DELAY_MS;
-          if (waited > standingMs()) standingUntil = now + STANDING_HOLD_MS;
+          if (late) standingUntil = now + STANDING_HOLD_MS;
           if (beyond) press(now + PRESSURE_HOLD_MS);
           reject(res, 'delay', beyond);
           return true;

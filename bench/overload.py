@@ -151,31 +151,24 @@ def start_watt(work, node, port, app_name, host=HOST):
 STRICT = '[overload]\nmax_delay = "20ms"\n'
 # ampere, latency first: standing queues held to target_delay.
 HOLD = '[overload]\nhold_target = true\n'
+# Setups that are ampere with more settings (on top of --ampere-config).
+VARIANTS = {"ampere-strict": STRICT, "ampere-hold": HOLD}
 
 
 def start(setup, work, node, port, ampere, app_name, host=HOST):
     if setup == "ampere":
         return start_ampere(work, node, port, ampere, app_name, off=False, host=host)
-    if setup == "ampere-strict":
+    if setup in VARIANTS:
         saved = AMPERE_EXTRA[0]
-        AMPERE_EXTRA[0] = STRICT
+        AMPERE_EXTRA[0] = VARIANTS[setup] + saved
         try:
             running = start_ampere(work, node, port, ampere, app_name, off=False, host=host)
         finally:
             AMPERE_EXTRA[0] = saved
-        running.name = "ampere-strict"
+        running.name = setup
         return running
     if setup == "ampere-off":
         return start_ampere(work, node, port, ampere, app_name, off=True, host=host)
-    if setup == "ampere-hold":
-        saved = AMPERE_EXTRA[0]
-        AMPERE_EXTRA[0] = HOLD + saved
-        try:
-            running = start_ampere(work, node, port, ampere, app_name, off=False, host=host)
-        finally:
-            AMPERE_EXTRA[0] = saved
-        running.name = "ampere-hold"
-        return running
     if setup == "ampere-base":
         running = start_ampere(work, node, port, BASELINE[0], app_name, off=False, host=host)
         running.name = "ampere-base"
