@@ -47,6 +47,7 @@ const IDLE_TICK_MS = 1;
 const STANDING_HOLD_MS = 1000;
 // [overload] hold_target: hold standing queues to the target.
 const HOLD_TARGET = process.env.AMPERE_HOLD_TARGET === '1';
+const HOLD_AFTER_BEATS = 5;
 const kSince = Symbol('ampere.since');
 // Within an overload episode (the supervisor says so, or this worker
 // rejects): 0 keeps MAX_DELAY_MS. The episode lasts until the supervisor
@@ -321,7 +322,9 @@ function start(others) {
         if (!turnOpen) openTurn(now);
         const since = arrivedAfter(req);
         const busyFor = now - lastIdleAt;
-        if (HOLD_TARGET && (busyFor > MAX_DELAY_MS || (now < standingUntil && busyFor > standingMs()))) waited = now - since;
+        if (HOLD_TARGET && beatsServed >= HOLD_AFTER_BEATS && (busyFor > MAX_DELAY_MS || (now < standingUntil && busyFor > standingMs()))) {
+          waited = now - since;
+        }
       }
       const late = waited !== 0 && waited > standingMs();
       if (MAX_DELAY_MS !== 0 && (lag > MAX_DELAY_MS || now - lastTick > LATE_MS || ahead > bound || late)) {
@@ -383,6 +386,9 @@ function start(others) {
   // are long, such as a render's, would keep missing the target at any
   // load.)
   let standingUntil = 0;
+  // Not in the first heartbeats of serving: a loop that still compiles the
+  // app's code misses the target at any load.
+  let beatsServed = 0;
   let turnOpen = false;
   let turnStartAt = 0;
   let turnEndAt = 0;
@@ -687,6 +693,7 @@ function start(others) {
     lastElu = performance.eventLoopUtilization();
     const cpu = cpuUs();
     if (warm) {
+      beatsServed++;
       updateCost(performance.eventLoopUtilization(costElu).active, (cpu - costCpu) / 1000);
       costElu = performance.eventLoopUtilization();
       costCpu = cpu;
