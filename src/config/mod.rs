@@ -328,8 +328,8 @@ pub struct OverloadConfig {
     /// (CPU-bound ones), where the requests in flight never show the
     /// queue; and let each worker accept up to eight new connections per
     /// turn of its event loop instead of one. Under sustained overload the
-    /// 200s' tail falls about fivefold, and about a sixth less is served
-    /// (bench/README, "Latency first").
+    /// p99 of the 200s falls two to four times, and about a sixth less is
+    /// served (bench/README, "Latency first"). Off: throughput first.
     pub hold_target: bool,
     /// The `Retry-After` of the 503s.
     pub retry_after: Duration,
