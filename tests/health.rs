@@ -153,15 +153,9 @@ fn a_leaking_worker_is_replaced_before_it_runs_out_of_heap() {
             msg_is(l, "replaced worker stopped") && pid_of(l) == leaker
         });
     let results = load.outcomes();
-    let lines = ampere.logs.all();
-    let oom: Vec<_> = lines
-        .iter()
-        .filter(|l| {
-            l["msg"].as_str().is_some_and(|m| {
-                m.contains("heap out of memory") || m.contains("Allocation failed")
-            })
-        })
-        .collect();
+    let oom = ampere
+        .logs
+        .where_msg(|m| m.contains("heap out of memory") || m.contains("Allocation failed"));
     assert!(oom.is_empty(), "a worker died of OOM: {oom:?}");
     assert_none_failed(&results);
 }
@@ -256,16 +250,9 @@ fn in_a_memory_limited_container_each_worker_gets_a_share_of_the_heap() {
     let replacing = wait_for_replacement(&ampere, "memory");
     assert!(first.contains(&pid_of(&replacing)));
     let results = load.outcomes();
-    let killed: Vec<_> = ampere
+    let killed = ampere
         .logs
-        .all()
-        .into_iter()
-        .filter(|l| {
-            l["msg"].as_str().is_some_and(|m| {
-                m.starts_with("worker crashed") || m.contains("heap out of memory")
-            })
-        })
-        .collect();
+        .where_msg(|m| m.starts_with("worker crashed") || m.contains("heap out of memory"));
     assert!(killed.is_empty(), "a worker ran out of memory: {killed:?}");
     assert_none_failed(&results);
 }

@@ -96,6 +96,14 @@ impl LogLines {
         self.0.0.lock().unwrap().clone()
     }
 
+    /// The lines so far whose message `matches`.
+    pub fn where_msg(&self, matches: impl Fn(&str) -> bool) -> Vec<serde_json::Value> {
+        self.all()
+            .into_iter()
+            .filter(|l| l["msg"].as_str().is_some_and(&matches))
+            .collect()
+    }
+
     /// Waits for a line that satisfies `pred` and returns it.
     pub fn wait_for(
         &self,
