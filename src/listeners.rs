@@ -324,6 +324,32 @@ fn bpf(code: u32, jt: u8, jf: u8, k: u32) -> socket2::SockFilter {
     socket2::SockFilter::new(code as u16, jt, jf, k)
 }
 
+/// Whether this kernel has IPv6 sockets (not with `ipv6.disable=1`, nor
+/// under a sandbox that denies them). Asked once.
+pub fn ipv6_available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        match Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP)) {
+            Ok(_) => true,
+            // Out of descriptors or memory says nothing about IPv6: the
+            // bind that follows reports it.
+            Err(e) => !matches!(
+                e.raw_os_error(),
+                Some(libc::EAFNOSUPPORT | libc::EPROTONOSUPPORT | libc::EACCES | libc::EPERM)
+            ),
+        }
+    })
+}
+
+/// A plain listening socket (the probe server's): "::" takes IPv4 too,
+/// whatever the system's `bindv6only` default.
+pub fn bind_plain(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = new_socket(addr)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
 fn new_socket(addr: SocketAddr) -> io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     // Rebinding over connections in TIME_WAIT after a restart of ampere.
@@ -355,7 +381,7 @@ fn bind_error(addr: SocketAddr, e: io::Error) -> Error {
         ),
         Some(libc::EADDRNOTAVAIL) => (
             "the address is not one of this machine's".to_owned(),
-            "use 0.0.0.0 (all addresses), 127.0.0.1, or an address of this machine".to_owned(),
+            "use :: (all addresses), 0.0.0.0 (all IPv4 addresses), 127.0.0.1, or an address of this machine".to_owned(),
         ),
         _ => (e.to_string(), String::new()),
     };

@@ -290,9 +290,15 @@ fn a_kernel_that_refuses_steering_is_reported_once_and_worked_around() {
         .args(["--host", "127.0.0.1", "--port", &port.to_string()])
         .args(["--metrics-port", &metrics_port.to_string()])
         .args(["--workers", "2"]);
+    const SO_ATTACH_REUSEPORT_CBPF: u32 = 51;
+    let hook = deny_syscall(
+        libc::SYS_setsockopt,
+        &[(1, libc::SOL_SOCKET as u32), (2, SO_ATTACH_REUSEPORT_CBPF)],
+        libc::EPERM,
+    );
     // SAFETY: the hook runs between fork and exec and makes only two
     // prctl(2) calls, which are async-signal-safe, on memory it owns.
-    unsafe { cmd.pre_exec(deny_reuseport_steering) };
+    unsafe { cmd.pre_exec(hook) };
     let mut ampere = Ampere::spawn(cmd, port, metrics_port);
     let pids = ampere.wait_ready(2, READY);
     let answered = pids_of_requests(ampere.addr(), "/", 200);
@@ -318,62 +324,4 @@ fn a_kernel_that_refuses_steering_is_reported_once_and_worked_around() {
     assert_eq!(said("no overflow listener"), 0, "{lines:?}");
     ampere.signal(Signal::SIGTERM);
     assert_eq!(ampere.wait_exit(Duration::from_secs(30)), Some(0));
-}
-
-/// Installs a seccomp filter on the calling process (inherited by its
-/// children) that fails `setsockopt(SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF)`
-/// with EPERM and allows everything else.
-#[cfg(target_arch = "x86_64")]
-fn deny_reuseport_steering() -> std::io::Result<()> {
-    const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
-    const SO_ATTACH_REUSEPORT_CBPF: u32 = 51;
-    // struct seccomp_data: nr at 0, arch at 4, args[i] at 16 + 8 i (low
-    // half first on little-endian).
-    let stmt = |code: u32, k: u32| libc::sock_filter {
-        code: code as u16,
-        jt: 0,
-        jf: 0,
-        k,
-    };
-    let jeq = |k: u32, jt: u8, jf: u8| libc::sock_filter {
-        code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
-        jt,
-        jf,
-        k,
-    };
-    let load = |offset: u32| stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, offset);
-    let ret = |k: u32| stmt(libc::BPF_RET | libc::BPF_K, k);
-    let filter = [
-        load(4),
-        jeq(AUDIT_ARCH_X86_64, 1, 0),
-        ret(libc::SECCOMP_RET_ALLOW),
-        load(0),
-        jeq(libc::SYS_setsockopt as u32, 1, 0),
-        ret(libc::SECCOMP_RET_ALLOW),
-        load(16 + 8),
-        jeq(libc::SOL_SOCKET as u32, 1, 0),
-        ret(libc::SECCOMP_RET_ALLOW),
-        load(16 + 16),
-        jeq(SO_ATTACH_REUSEPORT_CBPF, 1, 0),
-        ret(libc::SECCOMP_RET_ALLOW),
-        ret(libc::SECCOMP_RET_ERRNO | libc::EPERM as u32),
-    ];
-    let prog = libc::sock_fprog {
-        len: filter.len() as u16,
-        filter: filter.as_ptr().cast_mut(),
-    };
-    // SAFETY: plain prctl(2) calls; `prog` and `filter` outlive them, and the
-    // kernel copies the program.
-    unsafe {
-        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
-            || libc::prctl(
-                libc::PR_SET_SECCOMP,
-                libc::SECCOMP_MODE_FILTER,
-                &prog as *const libc::sock_fprog,
-            ) != 0
-        {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
 }

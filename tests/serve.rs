@@ -4,6 +4,7 @@
 mod common;
 
 use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use common::*;
@@ -50,6 +51,81 @@ fn without_a_config_file_the_port_environment_variable_is_served() {
     ampere.wait_ready(1, READY);
     let r = get(ampere.addr(), "/", Duration::from_secs(5)).expect("served on $PORT");
     assert_eq!(r.status, 200);
+}
+
+/// `ampere start` without `--port`/`--host` flags for the address: on the
+/// default host, fresh ports, `setup` applied to the command.
+fn start_on_default_host(setup: impl FnOnce(&mut std::process::Command)) -> Ampere {
+    let (port, metrics_port) = (free_port(), free_port());
+    let mut cmd = std::process::Command::new(AMPERE);
+    cmd.arg("start")
+        .arg(fixture("hello"))
+        .args(["--port", &port.to_string(), "--workers", "1"])
+        .args(["--metrics-port", &metrics_port.to_string()]);
+    setup(&mut cmd);
+    let mut ampere = Ampere::spawn(cmd, port, metrics_port);
+    ampere.wait_ready(1, READY);
+    ampere
+}
+
+/// By default ampere listens as node's own `listen(port)` does, on "::":
+/// IPv4 and IPv6 clients reach the service and the probes (an IPv6-only
+/// Kubernetes cluster needs no setting).
+#[test]
+fn by_default_ipv4_and_ipv6_clients_reach_the_service_and_the_probes() {
+    let ampere = start_on_default_host(|_| {});
+    let mut ips = vec![IpAddr::V4(Ipv4Addr::LOCALHOST)];
+    // A test machine without IPv6 checks the fallback below instead.
+    if std::net::TcpListener::bind((Ipv6Addr::LOCALHOST, 0)).is_ok() {
+        ips.push(IpAddr::V6(Ipv6Addr::LOCALHOST));
+    } else {
+        eprintln!("no IPv6 loopback here: IPv4 only");
+    }
+    for ip in ips {
+        for (port, path) in [(ampere.port, "/"), (ampere.metrics_port, "/ready")] {
+            let addr = SocketAddr::new(ip, port);
+            let r = get(addr, path, Duration::from_secs(5))
+                .unwrap_or_else(|e| panic!("GET {path} on {addr}: {e:?}"));
+            assert_eq!(r.status, 200, "{addr}{path}");
+        }
+    }
+}
+
+/// Where the kernel has no IPv6 (here a seccomp filter makes IPv6 sockets
+/// fail as `ipv6.disable=1` does), the default host falls back to
+/// 0.0.0.0, as node's does, and the log says so once.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn without_ipv6_the_default_host_falls_back_to_ipv4() {
+    use std::os::unix::process::CommandExt;
+    let hook = deny_syscall(
+        libc::SYS_socket,
+        &[(0, libc::AF_INET6 as u32)],
+        libc::EAFNOSUPPORT,
+    );
+    let ampere = start_on_default_host(|cmd| {
+        // SAFETY: the hook runs between fork and exec and makes only two
+        // prctl(2) calls, which are async-signal-safe, on memory it owns.
+        unsafe { cmd.pre_exec(hook) };
+    });
+    let r = get(ampere.addr(), "/", Duration::from_secs(5)).expect("served on IPv4");
+    assert_eq!(r.status, 200);
+    assert_eq!(ampere.probe("/ready").map(|r| r.status), Ok(200));
+    let lines = ampere.logs.all();
+    let warned = lines
+        .iter()
+        .filter(|l| msg_is(l, "this machine has no IPv6"))
+        .count();
+    assert_eq!(warned, 1, "{lines:?}");
+    let starting = lines
+        .iter()
+        .find(|l| msg_is(l, "starting"))
+        .expect("a start line");
+    assert_eq!(
+        starting["address"],
+        format!("0.0.0.0:{}", ampere.port),
+        "{starting}"
+    );
 }
 
 fn serves_framework(name: &str, path: &str, expect: &str) {

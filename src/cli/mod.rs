@@ -189,7 +189,7 @@ fn start(args: &StartArgs) -> Result<ExitCode> {
     let probe_listener = settings
         .metrics_addr
         .map(|addr| {
-            std::net::TcpListener::bind(addr).map_err(|e| Error::Bind {
+            crate::listeners::bind_plain(addr).map_err(|e| Error::Bind {
                 addr: addr.to_string(),
                 reason: e.to_string(),
                 hint: Some("the probe server needs its own port: set [metrics] port, or --metrics-port N|off".into()),
@@ -206,6 +206,14 @@ fn start(args: &StartArgs) -> Result<ExitCode> {
         .with(logs::TracingLayer { logs: logs.clone() });
     let _ = tracing::subscriber::set_global_default(subscriber);
 
+    if !crate::listeners::ipv6_available()
+        && [&config.server.host, &config.metrics.host].iter().any(|h| {
+            h.as_str().trim_matches(['[', ']']).parse()
+                == Ok(std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED))
+        })
+    {
+        tracing::warn!("this machine has no IPv6: listening on 0.0.0.0 (IPv4) instead of ::");
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

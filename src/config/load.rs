@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsString;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use super::{Config, Settings, Workers, detect, interpolate};
@@ -329,13 +329,20 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
+/// An IP address, or "localhost". "::" (every address) becomes "0.0.0.0"
+/// where the kernel has no IPv6, as it does for node's `listen(port)`.
 fn parse_host(host: &str) -> std::result::Result<IpAddr, String> {
     if host.eq_ignore_ascii_case("localhost") {
         return Ok(IpAddr::V4(Ipv4Addr::LOCALHOST));
     }
-    host.trim_matches(['[', ']'])
+    let ip: IpAddr = host
+        .trim_matches(['[', ']'])
         .parse()
-        .map_err(|_| format!("{host:?} is not an IP address (use e.g. 0.0.0.0, ::, 127.0.0.1)"))
+        .map_err(|_| format!("{host:?} is not an IP address (use e.g. ::, 0.0.0.0, 127.0.0.1)"))?;
+    if ip == IpAddr::V6(Ipv6Addr::UNSPECIFIED) && !crate::listeners::ipv6_available() {
+        return Ok(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    }
+    Ok(ip)
 }
 
 /// Finds the node executable: a path as given, or a name on PATH.

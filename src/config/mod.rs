@@ -121,8 +121,9 @@ impl Config {
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
-    /// Address to listen on: "0.0.0.0" (all IPv4), "::" (all IPv4 and IPv6),
-    /// "127.0.0.1", ...
+    /// Address to listen on: "::" (all IPv4 and IPv6, as node's own
+    /// `listen(port)`; all IPv4 where the kernel has no IPv6), "0.0.0.0"
+    /// (all IPv4), "127.0.0.1", ...
     pub host: EnvString,
     /// TCP port of the service. The workers also get it as `PORT`.
     pub port: Port,
@@ -141,7 +142,7 @@ pub struct ServerConfig {
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
-            host: "0.0.0.0".into(),
+            host: "::".into(),
             port: Port(3000),
             workers: Workers::Auto,
             listener: ListenerMode::default(),
@@ -396,6 +397,7 @@ impl Default for BalanceConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
     pub enabled: bool,
+    /// Address of the probe and metrics server; "::" as `server.host`.
     pub host: EnvString,
     pub port: Port,
     /// Time every request in the agent for `http_request_duration_seconds`
@@ -407,7 +409,7 @@ impl Default for MetricsConfig {
     fn default() -> Self {
         MetricsConfig {
             enabled: true,
-            host: "0.0.0.0".into(),
+            host: "::".into(),
             port: Port(9090),
             requests: true,
         }

@@ -684,3 +684,70 @@ impl Load {
             .unwrap()
     }
 }
+
+/// A seccomp filter for `Command::pre_exec` (x86_64): the system call `nr`
+/// fails with `errno` where its arguments match `args` (argument index, low
+/// 32 bits), as a restrictive sandbox or kernel would make it; everything
+/// else is allowed. Inherited by every process ampere starts.
+#[cfg(target_arch = "x86_64")]
+pub fn deny_syscall(
+    nr: libc::c_long,
+    args: &[(u32, u32)],
+    errno: i32,
+) -> impl FnMut() -> std::io::Result<()> + Send + Sync + 'static {
+    const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+    let stmt = |code: u32, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    // Equal: skip the next instruction (which allows the call).
+    let jeq = |k: u32| libc::sock_filter {
+        code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+        jt: 1,
+        jf: 0,
+        k,
+    };
+    // struct seccomp_data: nr at 0, arch at 4, args[i] at 16 + 8 i (low half
+    // first on little-endian).
+    let load = |offset: u32| stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, offset);
+    let allow = stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW);
+    let mut filter = vec![
+        load(4),
+        jeq(AUDIT_ARCH_X86_64),
+        allow,
+        load(0),
+        jeq(nr as u32),
+        allow,
+    ];
+    for (index, value) in args {
+        filter.extend([load(16 + 8 * index), jeq(*value), allow]);
+    }
+    filter.push(stmt(
+        libc::BPF_RET | libc::BPF_K,
+        libc::SECCOMP_RET_ERRNO | errno as u32,
+    ));
+    // Built here, before the fork: the hook itself only makes two prctl(2)
+    // calls, which are async-signal-safe.
+    move || {
+        let prog = libc::sock_fprog {
+            len: filter.len() as u16,
+            filter: filter.as_ptr().cast_mut(),
+        };
+        // SAFETY: plain prctl(2) calls; `prog` and `filter` outlive them, and
+        // the kernel copies the program.
+        unsafe {
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER,
+                    &prog as *const libc::sock_fprog,
+                ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+}
