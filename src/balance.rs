@@ -309,12 +309,24 @@ impl Balancer {
 
     /// Whether the current worker's event loop had no idle time over its
     /// last heartbeat's interval (or its thread waited for the CPU when it
-    /// idled): it has all the work it can do.
+    /// idled): it has all the work it can do. Not in its first heartbeats,
+    /// when a loop still compiling the app's code (a first render) reads as
+    /// saturated at any load.
     pub fn saturated(&self, slot: usize) -> bool {
+        !self.warming(slot)
+            && self
+                .slots
+                .get(slot)
+                .and_then(|s| s.busy_last)
+                .is_some_and(|elu| elu >= SATURATED_ELU)
+    }
+
+    /// Whether the slot's worker is new: no more than its first heartbeats
+    /// (`WARM_UP_BEATS`) since it became ready, whose load says little.
+    pub fn warming(&self, slot: usize) -> bool {
         self.slots
             .get(slot)
-            .and_then(|s| s.busy_last)
-            .is_some_and(|elu| elu >= SATURATED_ELU)
+            .is_none_or(|s| s.beats <= WARM_UP_BEATS)
     }
 
     /// The current worker's requests per second (served and rejected) over
@@ -666,6 +678,23 @@ mod tests {
         let b = Balancer::new(BalanceConfig::default(), 2, false);
         let w = b.weights(&[Overloaded, Overloaded], &[]);
         assert_eq!((w.slots.clone(), w.overflow), (vec![1, 1], 0));
+    }
+
+    #[test]
+    fn a_new_workers_first_heartbeats_never_read_saturated() {
+        let mut b = balancer();
+        let start = Instant::now();
+        // A loop busy all the time from the start: a first render, code
+        // still compiling.
+        for k in 0..u64::from(WARM_UP_BEATS) {
+            beat_both(&mut b, start, k, (1.0, None), 0);
+            assert!(b.warming(0) && !b.saturated(0), "heartbeat {k}");
+        }
+        beat_both(&mut b, start, u64::from(WARM_UP_BEATS), (1.0, None), 0);
+        assert!(!b.warming(0) && b.saturated(0));
+        // A new process in the slot starts over.
+        b.reset(0);
+        assert!(b.warming(0) && !b.saturated(0));
     }
 
     #[test]

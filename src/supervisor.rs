@@ -339,14 +339,16 @@ impl Slot {
 
     /// `pressure`: the service is in an overload episode (see
     /// [`Supervisor::pressure_until`]), so a stalled queue may send new
-    /// connections to the overflow listener.
-    fn availability(&self, pressure: bool) -> Availability {
+    /// connections to the overflow listener; not while the worker is new
+    /// (`warming`): a loop still initialising the app stalls at any load,
+    /// and what waits for it is served once it is done.
+    fn availability(&self, pressure: bool, warming: bool) -> Availability {
         if !self.active {
             return Availability::Inactive;
         }
         if !self.accepting() {
             Availability::Unavailable
-        } else if self.rejecting_now.is_some() || (self.queue.stalled && pressure) {
+        } else if self.rejecting_now.is_some() || (self.queue.stalled && pressure && !warming) {
             Availability::Overloaded
         } else if self.queue.stalled {
             Availability::Stalled
@@ -1176,7 +1178,7 @@ impl Supervisor {
         let avail: Vec<Availability> = self
             .slots
             .iter()
-            .map(|s| s.availability(pressure))
+            .map(|s| s.availability(pressure, self.balancer.warming(s.index)))
             .collect();
         // Capped only under pressure: what a cap cuts may go to the
         // overflow listener. A saturated worker gets nothing new then.

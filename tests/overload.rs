@@ -143,3 +143,33 @@ fn requests_waiting_on_io_do_not_count_as_queued_work() {
     let ok = statuses.iter().filter(|s| **s == Ok(200)).count();
     assert_eq!(ok, 120, "{statuses:?}");
 }
+
+/// A new worker whose loop is still busy after it listens (a framework that
+/// keeps initialising, code still compiling) while a connection waits is
+/// starting, not overloaded: once that is over, the requests after it are
+/// served, not sent to the overflow listener because its first heartbeat
+/// read saturated.
+#[test]
+fn a_cold_start_is_not_taken_for_overload_once_it_is_over() {
+    let mut ampere = Ampere::start_with(&fixture("hello"), &["--workers", "1"], &[], |cmd| {
+        cmd.env("HELLO_BLOCK_AFTER_LISTEN_MS", "700");
+    });
+    ampere.wait_ready(1, READY);
+    let addr = ampere.addr();
+    let timeout = Duration::from_secs(30);
+    // The first client's connection waits behind the blocked loop, which
+    // the supervisor sees as a stalled queue.
+    let first = std::thread::spawn(move || get(addr, "/", timeout));
+    wait_until(READY, "the queue to stall", || {
+        metric(&ampere, "ampere_accept_queue_stalls_total", "worker=\"0\"") >= 1.0
+    });
+    assert_eq!(first.join().unwrap().map(|r| r.status), Ok(200));
+    // One client, one request at a time, until a heartbeat after the block
+    // has counted some of them: every one is served.
+    let mut statuses = Vec::new();
+    wait_until(READY, "a heartbeat after the block", || {
+        statuses.push(get(addr, "/", timeout).map(|r| r.status));
+        metric(&ampere, "http_requests_total", "worker=\"0\"") >= 3.0
+    });
+    assert!(statuses.iter().all(|s| *s == Ok(200)), "{statuses:?}");
+}
