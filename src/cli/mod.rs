@@ -206,12 +206,7 @@ fn start(args: &StartArgs) -> Result<ExitCode> {
         .with(logs::TracingLayer { logs: logs.clone() });
     let _ = tracing::subscriber::set_global_default(subscriber);
 
-    if !crate::listeners::ipv6_available()
-        && [&config.server.host, &config.metrics.host].iter().any(|h| {
-            h.as_str().trim_matches(['[', ']']).parse()
-                == Ok(std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED))
-        })
-    {
+    if settings.no_ipv6 {
         tracing::warn!("this machine has no IPv6: listening on 0.0.0.0 (IPv4) instead of ::");
     }
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -103,6 +103,7 @@ pub fn resolve(flags: &Overrides) -> Result<Settings> {
             message,
         },
     })?;
+    let (host, mut no_ipv6) = without_ipv6(host);
     let addr = SocketAddr::new(host, config.server.port.0);
     let metrics_addr = if config.metrics.enabled {
         let host = parse_host(config.metrics.host.as_str()).map_err(|message| match &source {
@@ -112,6 +113,8 @@ pub fn resolve(flags: &Overrides) -> Result<Settings> {
                 message,
             },
         })?;
+        let (host, fell_back) = without_ipv6(host);
+        no_ipv6 |= fell_back;
         Some(SocketAddr::new(host, config.metrics.port.0))
     } else {
         None
@@ -168,6 +171,7 @@ pub fn resolve(flags: &Overrides) -> Result<Settings> {
         app_dir,
         addr,
         metrics_addr,
+        no_ipv6,
         workers,
         node,
         launch,
@@ -329,20 +333,23 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
-/// An IP address, or "localhost". "::" (every address) becomes "0.0.0.0"
-/// where the kernel has no IPv6, as it does for node's `listen(port)`.
 fn parse_host(host: &str) -> std::result::Result<IpAddr, String> {
     if host.eq_ignore_ascii_case("localhost") {
         return Ok(IpAddr::V4(Ipv4Addr::LOCALHOST));
     }
-    let ip: IpAddr = host
-        .trim_matches(['[', ']'])
+    host.trim_matches(['[', ']'])
         .parse()
-        .map_err(|_| format!("{host:?} is not an IP address (use e.g. ::, 0.0.0.0, 127.0.0.1)"))?;
+        .map_err(|_| format!("{host:?} is not an IP address (use e.g. ::, 0.0.0.0, 127.0.0.1)"))
+}
+
+/// "::" (every address) is "0.0.0.0" where the kernel has no IPv6, as for
+/// node's `listen(port)`; whether it was.
+fn without_ipv6(ip: IpAddr) -> (IpAddr, bool) {
     if ip == IpAddr::V6(Ipv6Addr::UNSPECIFIED) && !crate::listeners::ipv6_available() {
-        return Ok(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        (IpAddr::V4(Ipv4Addr::UNSPECIFIED), true)
+    } else {
+        (ip, false)
     }
-    Ok(ip)
 }
 
 /// Finds the node executable: a path as given, or a name on PATH.

@@ -576,6 +576,9 @@ pub struct Settings {
     pub addr: SocketAddr,
     /// Where the probes are served; None when `metrics.enabled = false`.
     pub metrics_addr: Option<SocketAddr>,
+    /// "::" became "0.0.0.0" for the service or the probes: the kernel has
+    /// no IPv6.
+    pub no_ipv6: bool,
     pub workers: usize,
     pub node: PathBuf,
     pub launch: Launch,
