@@ -42,6 +42,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+try:
+    import tomllib  # Python 3.11+
+except ImportError:  # older: settings are joined as text (no table may repeat)
+    tomllib = None
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from overhead import (HOST, ROOT, TOOLS, children, ensure_node, ensure_oha,  # noqa: E402
                       ensure_ampere, free_port, listen_drops, machine_meta, sh, wait_http)
@@ -92,15 +97,44 @@ def launch(app_name, host=HOST):
     return app / "server.js", lambda port: []
 
 
+def toml_merged(base, *texts):
+    """The tables of `base` (a dict of tables), with the settings of each
+    TOML text on top, later ones winning, as one TOML text: a variant's
+    [overload] and --ampere-config's [overload] become one table, not a
+    duplicate that ampere refuses."""
+    merged = {name: dict(table) for name, table in base.items()}
+    if tomllib is None:
+        return _dump(merged) + "".join(texts)
+    for text in texts:
+        for name, table in tomllib.loads(text).items():
+            merged.setdefault(name, {}).update(table)
+
+    return _dump(merged)
+
+
+def _dump(tables):
+    def value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        return json.dumps(v)  # strings and arrays of strings: valid TOML
+
+    return "".join(f"[{name}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in table.items())
+                   for name, table in tables.items())
+
+
 def start_ampere(work, node, port, ampere, app_name, off, host=HOST):
     app = APPS[app_name]["dir"]
     script, args = launch(app_name, host)
     cfg = work / "ampere.toml"
-    cfg.write_text(
-        f'[app]\ndir = "{app}"\nentry = "{script}"\nargs = {json.dumps(args(port))}\n'
-        f'[node]\nexecutable = "{node}"\n'
-        f'[logger]\nlevel = "warn"\n[metrics]\nenabled = false\n' + (OFF if off else AMPERE_EXTRA[0])
-    )
+    base = {
+        "app": {"dir": str(app), "entry": str(script), "args": args(port)},
+        "node": {"executable": str(node)},
+        "logger": {"level": "warn"},
+        "metrics": {"enabled": False},
+    }
+    cfg.write_text(toml_merged(base, OFF if off else AMPERE_EXTRA[0]))
     log = work / "ampere.log"
     proc = subprocess.Popen(PIN + [str(ampere), "start", "--config", str(cfg), "--host", host, "--port", str(port),
                              "--workers", str(WORKERS[0])], stdout=open(log, "w"), stderr=subprocess.STDOUT,
@@ -160,7 +194,7 @@ def start(setup, work, node, port, ampere, app_name, host=HOST):
         return start_ampere(work, node, port, ampere, app_name, off=False, host=host)
     if setup in VARIANTS:
         saved = AMPERE_EXTRA[0]
-        AMPERE_EXTRA[0] = VARIANTS[setup] + saved
+        AMPERE_EXTRA[0] = toml_merged({}, saved, VARIANTS[setup])
         try:
             running = start_ampere(work, node, port, ampere, app_name, off=False, host=host)
         finally:
