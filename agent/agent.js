@@ -48,6 +48,13 @@ const STANDING_HOLD_MS = 1000;
 // [overload] hold_target: hold standing queues to the target.
 const HOLD_TARGET = process.env.AMPERE_HOLD_TARGET === '1';
 const HOLD_AFTER_BEATS = 5;
+// A loop that waits for work within HUNGRY_AFTER_MS of its last rejection
+// (or in an overload episode) says so, at most every HUNGRY_EVERY_MS. Not
+// with HOLD_TARGET: there the new connections it brings arrive in a burst
+// and wait past the target (bench/README, "Idle loops under overload").
+const HUNGRY = !HOLD_TARGET;
+const HUNGRY_AFTER_MS = 2000;
+const HUNGRY_EVERY_MS = 20;
 const kSince = Symbol('ampere.since');
 // Within an overload episode (the supervisor says so, or this worker
 // rejects): 0 keeps MAX_DELAY_MS. The episode lasts until the supervisor
@@ -311,11 +318,8 @@ function start(others) {
         return true;
       }
       const now = performance.now();
-      const bound = now < pressureUntil && saturated ? pressureMs : MAX_DELAY_MS;
-      // The loop's work ahead of this request: every request in flight
-      // while the loop is saturated; otherwise only those let in lately
-      // (the others wait on I/O, a timer or a stream, not on this loop).
-      const ahead = (saturated ? inflight : Math.min(inflight, admitted + admittedBefore)) * costMs;
+      const bound = boundMs(now);
+      const ahead = aheadMs();
       // In a standing queue: how long this request can have waited, at most.
       let waited = 0;
       if (HOLD_TARGET && MAX_DELAY_MS !== 0) {
@@ -437,11 +441,22 @@ function start(others) {
       const now = performance.now();
       lag = Math.max(0, now - lastTick - LAG_TICK_MS);
       lastTick = now;
-      if (HOLD_TARGET) {
-        const idle = performance.nodeTiming.idleTime;
-        if (idle - idleSeen > IDLE_TICK_MS) lastIdleAt = now;
-        idleSeen = idle;
+      const idle = performance.nodeTiming.idleTime;
+      if (idle - idleSeen > IDLE_TICK_MS) {
+        lastIdleAt = now;
+        // Steered away (this worker rejected lately, or the service is in
+        // an overload episode), waiting for work, and a request arriving now
+        // would be let in (an I/O-bound worker idles at its in-flight
+        // bound): say so, so that new connections come here again at once
+        // rather than at the next heartbeat (an idle loop under overload is
+        // lost goodput).
+        if (HUNGRY && (now - rejectedAt < HUNGRY_AFTER_MS || now < pressureUntil) && now - hungrySentAt >= HUNGRY_EVERY_MS &&
+            (MAX_INFLIGHT === 0 || inflight < MAX_INFLIGHT) && aheadMs() <= boundMs(now)) {
+          hungrySentAt = now;
+          send({ type: 'hungry' });
+        }
       }
+      idleSeen = idle;
       if (++ticks % 10 === 0) {
         const cpuNs = threadCpuNs();
         const demand = (cpuNs - tickCpuNs) / 1e6 / (now - tickAt);
@@ -462,6 +477,16 @@ function start(others) {
   // them to the target would only idle it further.
   let pressureUntil = 0;
   let pressureMs = MAX_DELAY_MS;
+  // How long the requests in flight may keep a new one waiting.
+  function boundMs(now) {
+    return now < pressureUntil && saturated ? pressureMs : MAX_DELAY_MS;
+  }
+  // The loop's work ahead of a new request: every request in flight while
+  // the loop is saturated; otherwise only those let in lately (the others
+  // wait on I/O, a timer or a stream, not on this loop).
+  function aheadMs() {
+    return (saturated ? inflight : Math.min(inflight, admitted + admittedBefore)) * costMs;
+  }
   function press(until) {
     if (performance.now() >= pressureUntil) {
       pressureMs = Math.min(MAX_DELAY_MS, Math.max(TARGET_DELAY_MS, 2 * costMs));
@@ -513,8 +538,11 @@ function start(others) {
   let reporting = true;
   let overloadSentAt = -Infinity;
   let overloadSentBeyond = false;
+  let rejectedAt = -Infinity;
+  let hungrySentAt = -Infinity;
   function reject(res, reason, beyondMax = true) {
     rejected[reason]++;
+    rejectedAt = performance.now();
     if (reporting) {
       const now = performance.now();
       if (now - overloadSentAt >= OVERLOAD_REPORT_MS || (beyondMax && !overloadSentBeyond)) {

@@ -124,6 +124,8 @@ struct SlotLoad {
     rejecting: f64,
     /// Requests per second over the last heartbeat's interval.
     rps: Option<f64>,
+    /// Its loop waited for work since the last heartbeat, after rejecting.
+    hungry: bool,
 }
 
 /// What the balancer reads from one heartbeat.
@@ -214,6 +216,7 @@ impl Balancer {
         s.beats += 1;
         s.conns = beat.conns;
         s.busy_last = Some(beat.busy());
+        let hungry = std::mem::take(&mut s.hungry);
         if let Some((at, before)) = s.last {
             let dt = beat.seconds(at, now);
             if dt > 0.0 {
@@ -225,8 +228,11 @@ impl Balancer {
             } else {
                 (beat.rejected as f64 / done as f64).min(1.0)
             };
-            s.rejecting = s.rejecting + REJECT_ALPHA * (share - s.rejecting);
-        } else if beat.rejected > 0 {
+            // Rejections from before the loop went hungry are over.
+            if !hungry {
+                s.rejecting = s.rejecting + REJECT_ALPHA * (share - s.rejecting);
+            }
+        } else if beat.rejected > 0 && !hungry {
             s.rejecting = 1.0;
         }
         self.update_overflow_share();
@@ -252,6 +258,25 @@ impl Balancer {
             }
         }
         s.last = Some((now, beat.requests));
+    }
+
+    /// The slot's event loop waits for work and would let a new request in:
+    /// it rejects nothing now and is not saturated, whatever its last
+    /// heartbeat said, and the overflow listener's share halves. Its next
+    /// heartbeat counts no rejections into its smoothed share.
+    pub fn on_hungry(&mut self, slot: usize) {
+        let Some(s) = self.slots.get_mut(slot) else {
+            return;
+        };
+        s.rejecting = 0.0;
+        s.hungry = true;
+        if let Some(b) = &mut s.busy_last {
+            *b = b.min(IDLE_ELU);
+        }
+        self.overflow_share /= 2.0;
+        if self.overflow_share < 0.001 {
+            self.overflow_share = 0.0;
+        }
     }
 
     /// Integrates the overflow share over heartbeats: while every worker
@@ -695,6 +720,51 @@ mod tests {
         // A new process in the slot starts over.
         b.reset(0);
         assert!(b.warming(0) && !b.saturated(0));
+    }
+
+    #[test]
+    fn a_hungry_worker_gets_its_share_back_until_a_heartbeat_after_it_rejects_again() {
+        let mut b = balancer();
+        let start = Instant::now();
+        // Both saturated and rejecting half of their requests.
+        for k in 0..4u64 {
+            beat_both(&mut b, start, k, (0.99, None), if k == 0 { 0 } else { 50 });
+        }
+        let (before, overflow_before) = b.weights(&[Accepting, Accepting], &[]).shares();
+        assert!(
+            overflow_before > 0.0 && b.saturated(0),
+            "{before:?} {overflow_before}"
+        );
+        // Worker 0's loop waits for work: it takes what worker 1 rejects,
+        // and the overflow listener's share halves.
+        b.on_hungry(0);
+        assert!(!b.saturated(0));
+        let (shares, overflow) = b.weights(&[Accepting, Accepting], &[]).shares();
+        assert!(
+            overflow <= overflow_before / 2.0 + 1e-3,
+            "{overflow} {overflow_before}"
+        );
+        assert!(
+            shares[0] > before[0] && shares[0] > shares[1],
+            "{before:?} -> {shares:?}"
+        );
+        // Its next heartbeat still counts the rejections from before it
+        // idled: they do not take the share away again.
+        let beat = |k: u64| Beat {
+            elu: 0.99,
+            demand: None,
+            interval: None,
+            requests: k * 100,
+            rejected: 50,
+            conns: 10,
+        };
+        b.on_heartbeat(0, start + Duration::from_millis(2000), beat(4));
+        let (after, _) = b.weights(&[Accepting, Accepting], &[]).shares();
+        assert!(after[0] > after[1], "{after:?}");
+        // Rejections in a later interval do.
+        b.on_heartbeat(0, start + Duration::from_millis(2500), beat(5));
+        let (later, _) = b.weights(&[Accepting, Accepting], &[]).shares();
+        assert!(later[0] < after[0], "{after:?} -> {later:?}");
     }
 
     #[test]

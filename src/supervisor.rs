@@ -686,6 +686,7 @@ impl Supervisor {
         let mut durations = Vec::new();
         let mut rejected = None;
         let mut overloaded = None;
+        let mut hungry = false;
         let action = match ev.event {
             Event::Exited(_) => Action::None,
             Event::BadMessage(e) => {
@@ -825,6 +826,10 @@ impl Supervisor {
             }
             Event::Message(AgentMessage::Closed) => Action::None,
             Event::Message(AgentMessage::Pong) => Action::None,
+            Event::Message(AgentMessage::Hungry) => {
+                hungry = retiring.is_none();
+                Action::None
+            }
             Event::Message(AgentMessage::Unknown) => Action::None,
         };
         if let Some((r, inflight, delay_p99_ms)) = rejected {
@@ -832,6 +837,13 @@ impl Supervisor {
         }
         if let Some((reason, beyond_max)) = overloaded {
             self.on_overloaded(index, &reason, beyond_max);
+        }
+        if hungry {
+            // Its loop waits for work: whatever steers new connections away
+            // from it (its rejections, a saturated loop, the overflow
+            // listener's learnt share) is out of date.
+            self.slots[index].rejecting_now = None;
+            self.balancer.on_hungry(index);
         }
         // Request durations add up per slot, across the processes in it.
         let slot_http = &mut self.slots[index].http;

@@ -88,7 +88,7 @@ async function startWorker(script, extraEnv = {}, { stdout = 'inherit', nodeArgs
       await new Promise((resolve) => waiters.push(resolve));
     }
   };
-  return { child, port, control, next, send: (m) => control.write(JSON.stringify(m) + '\n') };
+  return { child, port, control, messages, next, send: (m) => control.write(JSON.stringify(m) + '\n') };
 }
 
 function get(port, path = '/') {
@@ -213,6 +213,57 @@ test('lateness from the app\'s start-up does not reject the first request; later
     const late = get(w.port);
     assert.strictEqual((await block).status, 200);
     assert.strictEqual((await late).status, 503);
+  } finally {
+    w.child.kill('SIGKILL');
+  }
+});
+
+test('a loop that waits for work after rejecting says it is hungry, and not before', async () => {
+  const w = await startWorker(`
+    const http = require('node:http');
+    http.createServer((req, res) => {
+      if (req.url === '/block') { const t = Date.now(); while (Date.now() - t < 300); }
+      res.end('ok');
+    }).listen(process.env.PORT);
+  `, { AMPERE_MAX_DELAY_MS: '100' });
+  try {
+    await w.next('listening');
+    assert.strictEqual((await get(w.port)).status, 200);
+    // Idle and never rejected: it has nothing to say (the loop idles
+    // through several 10 ms ticks between these heartbeats).
+    for (let i = 0; i < 3; i++) await w.next('heartbeat');
+    assert.ok(!w.messages.some((m) => m.type === 'hungry'), JSON.stringify(w.messages.map((m) => m.type)));
+    // A request rejected behind a blocked loop; then the loop idles.
+    const block = get(w.port, '/block');
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    const late = get(w.port);
+    assert.strictEqual((await block).status, 200);
+    assert.strictEqual((await late).status, 503);
+    await w.next('overloaded');
+    await w.next('hungry');
+  } finally {
+    w.child.kill('SIGKILL');
+  }
+});
+
+test('a worker that idles at its in-flight bound is not hungry until a request finishes', async () => {
+  const w = await startWorker(`
+    const http = require('node:http');
+    http.createServer((req, res) => {
+      setTimeout(() => res.end('ok'), req.url === '/slow' ? 1000 : 0);
+    }).listen(process.env.PORT);
+  `, { AMPERE_MAX_DELAY_MS: '100', AMPERE_MAX_INFLIGHT: '1' });
+  try {
+    await w.next('listening');
+    assert.strictEqual((await get(w.port)).status, 200);
+    const slow = get(w.port, '/slow');
+    await w.next('heartbeat');
+    assert.strictEqual((await get(w.port)).status, 503);
+    // The loop idles with the slow request in flight: no room yet.
+    for (let i = 0; i < 3; i++) await w.next('heartbeat');
+    assert.ok(!w.messages.some((m) => m.type === 'hungry'), JSON.stringify(w.messages.map((m) => m.type)));
+    assert.strictEqual((await slow).status, 200);
+    await w.next('hungry');
   } finally {
     w.child.kill('SIGKILL');
   }

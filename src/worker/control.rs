@@ -46,6 +46,10 @@ pub enum AgentMessage {
     },
     /// The answer to a `ping`: the event loop got to I/O.
     Pong,
+    /// The event loop waits for work although this worker rejected requests
+    /// lately (or the service is in an overload episode), and would let a
+    /// new request in: new connections should come to it again.
+    Hungry,
     /// The app closed its server on the service port by itself (not a
     /// drain): the process takes no more connections.
     Closed,
@@ -199,6 +203,8 @@ mod tests {
                 ..
             }
         ));
+        let m: AgentMessage = serde_json::from_str(r#"{"type":"hungry"}"#).unwrap();
+        assert!(matches!(m, AgentMessage::Hungry));
         let m: AgentMessage = serde_json::from_str(r#"{"type":"future"}"#).unwrap();
         assert!(matches!(m, AgentMessage::Unknown));
         assert_eq!(
