@@ -542,9 +542,9 @@ function start(others) {
   let hungrySentAt = -Infinity;
   function reject(res, reason, beyondMax = true) {
     rejected[reason]++;
-    rejectedAt = performance.now();
+    const now = performance.now();
+    rejectedAt = now;
     if (reporting) {
-      const now = performance.now();
       if (now - overloadSentAt >= OVERLOAD_REPORT_MS || (beyondMax && !overloadSentBeyond)) {
         overloadSentAt = now;
         overloadSentBeyond = beyondMax;
