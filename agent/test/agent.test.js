@@ -91,6 +91,11 @@ async function startWorker(script, extraEnv = {}, { stdout = 'inherit', nodeArgs
   return { child, port, control, messages, next, send: (m) => control.write(JSON.stringify(m) + '\n') };
 }
 
+// No message of this type has come from the worker so far.
+function assertNotSent(w, type) {
+  assert.ok(!w.messages.some((m) => m.type === type), `${type} in ${JSON.stringify(w.messages.map((m) => m.type))}`);
+}
+
 function get(port, path = '/') {
   return new Promise((resolve, reject) => {
     http.get({ host: '127.0.0.1', port, path, agent: false }, (res) => {
@@ -232,7 +237,7 @@ test('a loop that waits for work after rejecting says it is hungry, and not befo
     // Idle and never rejected: it has nothing to say (the loop idles
     // through several 10 ms ticks between these heartbeats).
     for (let i = 0; i < 3; i++) await w.next('heartbeat');
-    assert.ok(!w.messages.some((m) => m.type === 'hungry'), JSON.stringify(w.messages.map((m) => m.type)));
+    assertNotSent(w, 'hungry');
     // A request rejected behind a blocked loop; then the loop idles.
     const block = get(w.port, '/block');
     await new Promise((resolve) => setTimeout(resolve, 50));
@@ -261,7 +266,7 @@ test('a worker that idles at its in-flight bound is not hungry until a request f
     assert.strictEqual((await get(w.port)).status, 503);
     // The loop idles with the slow request in flight: no room yet.
     for (let i = 0; i < 3; i++) await w.next('heartbeat');
-    assert.ok(!w.messages.some((m) => m.type === 'hungry'), JSON.stringify(w.messages.map((m) => m.type)));
+    assertNotSent(w, 'hungry');
     assert.strictEqual((await slow).status, 200);
     await w.next('hungry');
   } finally {
